@@ -1,0 +1,216 @@
+"""``create_app(settings)``: the whole Keel ASGI app, built from explicit parts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from keel._version import __version__
+from keel.config import Settings
+from keel.errors import InvalidRequest, KeelError, NotFound
+from keel.gateway.providers.base import PROVIDER_KINDS, Provider
+from keel.gateway.router import Router
+from keel.gateway.routes import Gateway, error_response
+from keel.store.engine import make_engine, migrate
+from keel.store.recorder import Recorder
+from keel.tracing import api as traces_api
+
+log = logging.getLogger("keel")
+
+
+@dataclass
+class KeelState:
+    settings: Settings
+    engine: Engine
+    recorder: Recorder
+    providers: dict[str, Provider]
+    router: Router
+
+
+def _load_provider_kinds() -> None:
+    # Importing a module registers its kind.
+    import keel.gateway.providers.openai
+
+    with contextlib.suppress(ImportError):
+        import keel.gateway.providers.anthropic  # noqa: F401
+
+
+def build_providers(
+    settings: Settings,
+    environ: Mapping[str, str],
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> dict[str, Provider]:
+    _load_provider_kinds()
+    providers: dict[str, Provider] = {}
+    g = settings.gateway
+    for name, ps in settings.providers.items():
+        cls = PROVIDER_KINDS[ps.kind]
+        timeout = httpx.Timeout(
+            ps.timeout_s or g.default_timeout_s,
+            connect=ps.connect_timeout_s or g.connect_timeout_s,
+        )
+        client = httpx.AsyncClient(
+            timeout=timeout,
+            limits=httpx.Limits(
+                max_connections=g.max_connections, max_keepalive_connections=g.max_connections
+            ),
+            transport=transport,
+        )
+        key = environ.get(ps.api_key_env) if ps.api_key_env else None
+        if ps.api_key_env and not key:
+            log.warning(
+                "provider %s: environment variable %s is not set; calls will be sent without a key",
+                name,
+                ps.api_key_env,
+            )
+        providers[name] = cls(name, ps, client=client, api_key=key)
+    if settings.local.enabled:
+        try:
+            from keel.gateway.providers.local import LocalProvider
+        except ImportError as e:  # pragma: no cover - the module ships with Keel
+            log.warning("local provider unavailable: %s", e)
+        else:
+            from keel.config import ProviderSettings
+
+            providers["local"] = LocalProvider(
+                "local", ProviderSettings(kind="local"), local=settings.local
+            )
+    return providers
+
+
+def create_app(
+    settings: Settings,
+    *,
+    environ: Mapping[str, str] | None = None,
+    engine: Engine | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """Build the ASGI app. Reads nothing from the environment unless ``environ`` is given
+    (``cli.py`` passes ``os.environ`` so provider keys can be resolved)."""
+    env = dict(environ or {})
+    data_dir = Path(settings.data_dir)
+    engine = engine or make_engine(settings.effective_database_url)
+    rs = settings.recorder
+    recorder = Recorder(
+        engine,
+        data_dir / "spill",
+        queue_size=rs.queue_size,
+        batch_size=rs.batch_size,
+        flush_interval_s=rs.flush_interval_s,
+        replay_interval_s=rs.replay_interval_s,
+    )
+    providers = build_providers(settings, env, transport)
+    router = Router.from_settings(settings, providers)
+    gateway = Gateway(router, recorder, settings.gateway, settings.recorder)
+    state = KeelState(settings, engine, recorder, providers, router)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(migrate, engine)
+        recorder.start()
+        for p in providers.values():
+            try:
+                await p.start()
+            except Exception:
+                log.exception("provider %s failed to start", p.name)
+        try:
+            yield
+        finally:
+            for p in providers.values():
+                with contextlib.suppress(Exception):
+                    await p.aclose()
+                if p.client is not None:
+                    await p.client.aclose()
+            await asyncio.to_thread(recorder.stop)
+
+    app = FastAPI(
+        title="Keel",
+        version=__version__,
+        description="Self-hosted LLMOps: an OpenAI-compatible gateway that records every call.",
+        lifespan=lifespan,
+    )
+    app.state.keel = state
+
+    @app.exception_handler(KeelError)
+    async def _keel_error(request: Request, exc: KeelError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body"))
+        return error_response(InvalidRequest(f"{loc}: {first.get('msg', 'invalid')}", param=loc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return error_response(NotFound(f"no route {request.method} {request.url.path}"))
+        err = KeelError(str(exc.detail), status=exc.status_code)
+        err.type = "http_error"
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(KeelError("internal error; the details are in Keel's log"))
+
+    app.include_router(gateway.api_router())
+    app.include_router(traces_api.make_router(engine))
+
+    @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], summary="Readiness: store reachable, a provider available")
+    async def readyz() -> Response:
+        store_ok, store_err = True, None
+        try:
+            await asyncio.wait_for(asyncio.to_thread(_ping, engine), timeout=3)
+        except Exception as e:
+            store_ok, store_err = False, f"{type(e).__name__}: {e}"[:300]
+        avail = {n: p.available for n, p in providers.items()}
+        ok = store_ok and any(avail.values())
+        body = {
+            "status": "ready" if ok else "not ready",
+            "store": {"ok": store_ok, "error": store_err},
+            "providers": avail,
+            "recorder": {"queue_depth": recorder.queue_depth, **asdict(recorder.stats)},
+        }
+        return Response(
+            orjson.dumps(body), status_code=200 if ok else 503, media_type="application/json"
+        )
+
+    @app.get("/api/recorder", tags=["ops"], summary="Recorder counters")
+    async def recorder_stats() -> dict[str, Any]:
+        return {
+            "queue_depth": recorder.queue_depth,
+            "spill_files": len(recorder.spill_files()),
+            **asdict(recorder.stats),
+        }
+
+    return app
+
+
+def _ping(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def environ_for_app() -> dict[str, str]:
+    """What ``cli.py`` hands to :func:`create_app`."""
+    return dict(os.environ)

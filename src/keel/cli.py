@@ -1,0 +1,261 @@
+"""The ``keel`` command. Thin: parses flags, loads settings, calls the packages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import datetime
+from typing import Any
+
+import click
+import httpx
+import orjson
+
+from keel._version import __version__
+from keel.config import Settings, load_settings, reference_rows
+from keel.errors import KeelError
+
+DEFAULT_URL = "http://127.0.0.1:4000"
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(1)
+
+
+def _settings(config: str | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, overrides=overrides)
+    except KeelError as e:
+        _fail(str(e))
+        raise AssertionError from None  # unreachable
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Keel: an OpenAI-compatible gateway that records every call, and the ops loop around it."""
+
+
+@cli.command()
+def version() -> None:
+    """Print Keel's version."""
+    click.echo(f"keel {__version__}")
+
+
+@cli.command()
+@click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Port [default: 4000].")
+@click.option("--data-dir", default=None, help="Data directory [default: ./.keel].")
+@click.option(
+    "--config", "config", default=None, help="keel.yaml [default: ./keel.yaml if present]."
+)
+def up(host: str | None, port: int | None, data_dir: str | None, config: str | None) -> None:
+    """Start Keel: gateway, API and recorder, on SQLite and the local model by default."""
+    import uvicorn
+
+    from keel.app import create_app
+
+    s = _settings(config, host=host, port=port, data_dir=data_dir)
+    logging.basicConfig(
+        level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(s, environ=dict(os.environ))
+    click.echo(
+        f"keel {__version__} on http://{s.host}:{s.port}  (store: "
+        f"{_redact(s.effective_database_url)}, models: "
+        f"{', '.join(app.state.keel.router.names()) or 'none'})"
+    )
+    click.echo(
+        f"  OpenAI base URL: http://{s.host}:{s.port}/v1   API docs: http://{s.host}:{s.port}/docs"
+    )
+    uvicorn.run(
+        app,
+        host=s.host,
+        port=s.port,
+        log_level=s.log_level,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=10,
+    )
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+@cli.group()
+def config() -> None:
+    """Validate and document the configuration."""
+
+
+@config.command("check")
+@click.option("--config", "path", default=None, help="File to check [default: ./keel.yaml].")
+def config_check(path: str | None) -> None:
+    """Validate the whole configuration; exit 1 listing every bad entry."""
+    s = _settings(path)
+    warnings = []
+    for name, p in s.providers.items():
+        if p.api_key_env and not os.environ.get(p.api_key_env):
+            warnings.append(f"providers.{name}.api_key_env: ${p.api_key_env} is not set")
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    models = ["local", "local-embed"] if s.local.enabled else []
+    models += list(s.models)
+    click.echo(
+        f"configuration OK: {len(s.providers)} provider(s), models: "
+        f"{', '.join(models) or 'none'}; store: {_redact(s.effective_database_url)}"
+    )
+
+
+@config.command("reference")
+def config_reference() -> None:
+    """Print every setting (keel.yaml path, KEEL_* variable, type, default) as Markdown."""
+    click.echo("| keel.yaml | environment | type | default | meaning |")
+    click.echo("|---|---|---|---|---|")
+    for path, env, typ, default, doc in reference_rows():
+        click.echo(f"| `{path}` | `{env}` | {typ} | `{default}` | {doc} |")
+
+
+@cli.group()
+def db() -> None:
+    """Manage the store."""
+
+
+@db.command("upgrade")
+@click.option("--config", "path", default=None)
+def db_upgrade(path: str | None) -> None:
+    """Apply schema migrations (keel up does this too)."""
+    from keel.store.engine import current_revision, make_engine, migrate
+
+    s = _settings(path)
+    engine = make_engine(s.effective_database_url)
+    try:
+        migrate(engine)
+    except KeelError as e:
+        _fail(str(e))
+    click.echo(f"store at revision {current_revision(engine)}")
+
+
+# -- traces ------------------------------------------------------------------
+
+
+def _api(url: str, path: str, params: dict[str, Any] | None = None) -> Any:
+    try:
+        r = httpx.get(
+            f"{url.rstrip('/')}{path}",
+            params={k: v for k, v in (params or {}).items() if v is not None},
+            timeout=30,
+        )
+    except httpx.HTTPError as e:
+        _fail(
+            f"cannot reach Keel at {url} ({type(e).__name__}); is `keel up` running? "
+            "Set --url or KEEL_URL."
+        )
+    try:
+        body = r.json()
+    except ValueError:
+        body = {}
+    if r.status_code >= 400:
+        msg = (body.get("error") or {}).get("message") if isinstance(body, dict) else None
+        _fail(msg or f"HTTP {r.status_code}")
+    return body
+
+
+url_option = click.option(
+    "--url",
+    envvar="KEEL_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    help="Keel's address (or KEEL_URL).",
+)
+
+
+@cli.group()
+def traces() -> None:
+    """Look at recorded calls."""
+
+
+@traces.command("list")
+@url_option
+@click.option("--model")
+@click.option("--status", type=click.Choice(["ok", "error", "cancelled"]))
+@click.option("--user")
+@click.option("--feature")
+@click.option("--since", help="ISO 8601 or an age: 15m, 24h, 7d.")
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def traces_list(
+    url: str,
+    model: str | None,
+    status: str | None,
+    user: str | None,
+    feature: str | None,
+    since: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List recent traces, newest first."""
+    page = _api(
+        url,
+        "/api/traces",
+        {
+            "model": model,
+            "status": status,
+            "user": user,
+            "feature": feature,
+            "since": since,
+            "limit": limit,
+        },
+    )
+    if as_json:
+        click.echo(orjson.dumps(page, option=orjson.OPT_INDENT_2).decode())
+        return
+    rows = page["data"]
+    if not rows:
+        click.echo("no traces yet: send a request to /v1/chat/completions")
+        return
+    fmt = "{:<32}  {:<19}  {:<16}  {:<9}  {:>9}  {:>6}  {:<12}"
+    click.echo(fmt.format("ID", "STARTED (UTC)", "MODEL", "STATUS", "LATENCY", "TOKENS", "USER"))
+    for t in rows:
+        started = datetime.fromisoformat(t["started_at"]).strftime("%Y-%m-%d %H:%M:%S")
+        tokens = t["total_tokens"] if t["total_tokens"] is not None else "-"
+        if t["tokens_estimated"] and tokens != "-":
+            tokens = f"~{tokens}"
+        click.echo(
+            fmt.format(
+                t["id"],
+                started,
+                t["model"][:16],
+                t["status"],
+                f"{t['duration_ms']:.0f} ms",
+                str(tokens),
+                (t["user"] or "-")[:12],
+            )
+        )
+
+
+@traces.command("show")
+@click.argument("trace_id")
+@url_option
+def traces_show(trace_id: str, url: str) -> None:
+    """Print one trace with its request and response (JSON)."""
+    t = _api(url, f"/api/traces/{trace_id}")
+    click.echo(orjson.dumps(t, option=orjson.OPT_INDENT_2).decode())
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except KeelError as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

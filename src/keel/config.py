@@ -1,0 +1,357 @@
+"""Every Keel setting, declared once.
+
+A setting has a name, a type, a default and a doc (the pydantic field), a place
+in ``keel.yaml`` (its path) and an environment variable: ``KEEL_<FIELD>`` for
+top-level fields, ``KEEL_<SECTION>_<FIELD>`` for fields of a section. The
+precedence is: command-line flag > environment > keel.yaml > default.
+
+Only ``app.py`` and ``cli.py`` call :func:`load_settings`; everything else gets
+the parts of :class:`Settings` it needs as arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from keel.errors import ConfigError
+
+ENV_PREFIX = "KEEL_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GatewaySettings(_Section):
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body accepted (bytes); larger → 413."
+    )
+    default_timeout_s: float = Field(
+        120.0, gt=0, description="Upstream read timeout when a provider sets none (seconds)."
+    )
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="Upstream connect timeout when a provider sets none (seconds)."
+    )
+    max_connections: int = Field(512, ge=1, description="Pooled upstream connections per provider.")
+
+
+class RecorderSettings(_Section):
+    queue_size: int = Field(
+        100_000, ge=10, description="Traces held in memory before new ones spill to disk."
+    )
+    batch_size: int = Field(1000, ge=1, description="Most traces written in one transaction.")
+    flush_interval_s: float = Field(
+        0.25, gt=0, le=60, description="Longest a trace waits in the queue before a write."
+    )
+    capture_bodies: bool = Field(
+        True, description="Store request and response bodies (false: metadata and tokens only)."
+    )
+    max_body_chars: int = Field(
+        200_000, ge=0, description="Bodies longer than this are truncated in the store (marked)."
+    )
+    replay_interval_s: float = Field(
+        5.0, gt=0, description="How often spilled traces are retried against the store."
+    )
+
+
+class LocalSettings(_Section):
+    enabled: bool = Field(
+        True, description="Serve the embedded models `local` and `local-embed` (CPU, no key)."
+    )
+    threads: int = Field(2, ge=1, le=256, description="CPU threads for local generation.")
+    context_size: int = Field(2048, ge=256, description="Context window of the local model.")
+    max_tokens: int = Field(
+        256, ge=1, description="Default `max_tokens` for the local model when a call sets none."
+    )
+    chat_model_path: str | None = Field(
+        None, description="A GGUF file to serve as `local` instead of the bundled SmolLM2-135M."
+    )
+    embed_model_dir: str | None = Field(
+        None, description="A sentence-transformers BERT directory instead of all-MiniLM-L6-v2."
+    )
+
+
+ProviderKind = Literal["openai", "anthropic", "local"]
+
+
+class ProviderSettings(_Section):
+    kind: ProviderKind = Field(description="Adapter: openai (any compatible server), anthropic.")
+    base_url: str | None = Field(
+        None, description="API base URL, e.g. https://api.openai.com/v1 or http://vllm:8000/v1."
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="Name of the environment variable holding the API key (never the key itself).",
+    )
+    timeout_s: float | None = Field(None, gt=0, description="Read timeout (seconds).")
+    connect_timeout_s: float | None = Field(None, gt=0, description="Connect timeout (seconds).")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra headers sent upstream."
+    )
+    anthropic_version: str = Field("2023-06-01", description="anthropic-version header.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/") if v else v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or not v.replace("_", "").isalnum() or v[0].isdigit()):
+            raise ValueError(
+                "must be the NAME of an environment variable (letters, digits, _), "
+                "not the key itself"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> ProviderSettings:
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("base_url is required for kind 'openai'")
+        return self
+
+
+class DeploymentSettings(_Section):
+    provider: str = Field(description="Name of a provider under `providers:`.")
+    model: str = Field(description="The model name the upstream knows.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Defaults merged into each request (caller wins)."
+    )
+    weight: float = Field(1.0, gt=0, description="Share of traffic among the alias' deployments.")
+
+
+def _shorthand_deployment(v: Any) -> Any:
+    # "openai/gpt-4o-mini" is accepted for a one-deployment alias.
+    if isinstance(v, str):
+        provider, sep, model = v.partition("/")
+        if not sep or not provider or not model:
+            raise ValueError("a shorthand deployment is written 'provider/model'")
+        return {"deployments": [{"provider": provider, "model": model}]}
+    return v
+
+
+class ModelAliasSettings(_Section):
+    deployments: list[DeploymentSettings] = Field(min_length=1)
+    kind: Literal["chat", "embedding"] = Field("chat", description="What the alias serves.")
+
+
+class Settings(_Section):
+    """The whole configuration. ``keel config check`` validates exactly this."""
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(4000, ge=1, le=65535, description="Port to listen on.")
+    data_dir: str = Field(".keel", description="Where SQLite, spill files and artifacts live.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the store; default sqlite:///<data_dir>/keel.db. "
+        "postgresql://… for the shared store.",
+    )
+    redis_url: str | None = Field(
+        None, description="Redis for shared limits and cache across replicas (later issues)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    recorder: RecorderSettings = Field(default_factory=RecorderSettings)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    providers: dict[str, ProviderSettings] = Field(
+        default_factory=dict, description="Upstream LLM servers, by name."
+    )
+    models: dict[str, Annotated[ModelAliasSettings, BeforeValidator(_shorthand_deployment)]] = (
+        Field(default_factory=dict, description="Public model names → deployments.")
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _db_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if v.startswith("postgres://"):
+            v = "postgresql://" + v[len("postgres://") :]
+        if v.startswith("postgresql://"):
+            # psycopg 3 is the driver Keel installs.
+            v = "postgresql+psycopg://" + v[len("postgresql://") :]
+        if not v.startswith(("sqlite:", "postgresql+psycopg:")):
+            raise ValueError("must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        reserved = {"local"} if self.local.enabled else set()
+        for name in self.providers:
+            if name in reserved:
+                raise ValueError(
+                    f"providers.{name}: the name 'local' is reserved for the embedded model"
+                )
+        known = set(self.providers) | reserved
+        for alias, spec in self.models.items():
+            for i, dep in enumerate(spec.deployments):
+                if dep.provider not in known:
+                    raise ValueError(
+                        f"models.{alias}.deployments.{i}.provider: unknown provider "
+                        f"'{dep.provider}' (known: {', '.join(sorted(known)) or 'none'})"
+                    )
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{Path(self.data_dir).resolve() / 'keel.db'}"
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """Collect KEEL_* variables into the nested shape of :class:`Settings`."""
+    out: dict[str, Any] = {}
+    for name, field in Settings.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, _Section):
+            for sub in ann.model_fields:
+                key = f"{ENV_PREFIX}{name}_{sub}".upper()
+                if key in environ:
+                    out.setdefault(name, {})[sub] = environ[key]
+        elif name not in ("providers", "models"):
+            key = f"{ENV_PREFIX}{name}".upper()
+            if key in environ:
+                out[name] = environ[key]
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {exc.error_count()} invalid setting(s)"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling; `keel config reference` lists them all)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return data
+
+
+def load_settings(
+    config_path: str | Path | None = None,
+    *,
+    environ: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from a YAML file, the environment and overrides.
+
+    ``config_path`` None means ``$KEEL_CONFIG`` or ``./keel.yaml`` when present.
+    Raises :class:`ConfigError` listing every invalid entry by its path.
+    """
+    env = dict(os.environ if environ is None else environ)
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if config_path is None:
+        config_path = env.get("KEEL_CONFIG")
+        if config_path is None and Path("keel.yaml").exists():
+            config_path = "keel.yaml"
+    elif not Path(config_path).exists():
+        raise ConfigError(f"config file {config_path} does not exist")
+    if config_path is not None:
+        data = read_yaml(Path(config_path))
+        source = str(config_path)
+    data = _merge(data, _env_overrides(env))
+    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def reference_rows() -> list[tuple[str, str, str, str, str]]:
+    """(yaml path, env var, type, default, doc) for every scalar setting."""
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    def typename(ann: Any) -> str:
+        return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+    for name, field in Settings.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, _Section):
+            for sub, sf in ann.model_fields.items():
+                rows.append(
+                    (
+                        f"{name}.{sub}",
+                        f"{ENV_PREFIX}{name}_{sub}".upper(),
+                        typename(sf.annotation),
+                        repr(sf.default),
+                        sf.description or "",
+                    )
+                )
+        elif name in ("providers", "models"):
+            rows.append((name, "(yaml only)", "mapping", "{}", field.description or ""))
+        else:
+            rows.append(
+                (
+                    name,
+                    f"{ENV_PREFIX}{name}".upper(),
+                    typename(ann),
+                    repr(field.default),
+                    field.description or "",
+                )
+            )
+    for sub, sf in ProviderSettings.model_fields.items():
+        rows.append(
+            (
+                f"providers.NAME.{sub}",
+                "(yaml only)",
+                typename(sf.annotation),
+                "required" if sf.is_required() else repr(sf.default),
+                sf.description or "",
+            )
+        )
+    for sub, sf in DeploymentSettings.model_fields.items():
+        rows.append(
+            (
+                f"models.ALIAS.deployments[].{sub}",
+                "(yaml only)",
+                typename(sf.annotation),
+                "required" if sf.is_required() else repr(sf.default),
+                sf.description or "",
+            )
+        )
+    return rows

@@ -1,0 +1,504 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/embeddings, /v1/models.
+
+The handlers read the raw body and parse it with orjson instead of declaring a
+pydantic body: the gateway must forward every field it does not know, and a
+full validation on the hot path costs more than the rest of the proxy. The
+OpenAPI schema still documents the bodies (``openapi_extra``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response, StreamingResponse
+
+from keel.config import GatewaySettings, RecorderSettings
+from keel.errors import InvalidRequest, KeelError, PayloadTooLarge, UpstreamError
+from keel.gateway.calls import (
+    Attribution,
+    Call,
+    check_chat_body,
+    check_embeddings_body,
+    clip_body,
+    estimate_tokens,
+    make_trace,
+    messages_text,
+)
+from keel.gateway.router import Router
+from keel.store.recorder import Recorder
+
+log = logging.getLogger("keel.gateway")
+
+JSON = "application/json"
+TRACE_HEADER = "x-keel-trace-id"
+
+_CHAT_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "messages"],
+                    "additionalProperties": True,
+                    "properties": {
+                        "model": {
+                            "type": "string",
+                            "description": "A model alias (GET /v1/models).",
+                        },
+                        "messages": {"type": "array", "items": {"type": "object"}, "minItems": 1},
+                        "stream": {"type": "boolean"},
+                        "stream_options": {"type": "object"},
+                        "user": {"type": "string"},
+                        "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                    },
+                }
+            }
+        },
+    },
+    "parameters": [
+        {"name": "X-Keel-User", "in": "header", "required": False, "schema": {"type": "string"}},
+        {"name": "X-Keel-Feature", "in": "header", "required": False, "schema": {"type": "string"}},
+        {"name": "X-Keel-Session", "in": "header", "required": False, "schema": {"type": "string"}},
+        {
+            "name": "X-Keel-Tags",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "example": "team=search,env=prod"},
+        },
+    ],
+}
+_EMBED_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "input"],
+                    "additionalProperties": True,
+                    "properties": {
+                        "model": {"type": "string"},
+                        "input": {
+                            "oneOf": [
+                                {"type": "string"},
+                                {"type": "array", "items": {"type": "string"}},
+                            ]
+                        },
+                        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def error_response(err: KeelError, trace_id: str | None = None) -> Response:
+    headers = {TRACE_HEADER: trace_id} if trace_id else None
+    return Response(
+        orjson.dumps(err.to_body()), status_code=err.status, media_type=JSON, headers=headers
+    )
+
+
+class Gateway:
+    def __init__(
+        self,
+        router: Router,
+        recorder: Recorder,
+        gateway: GatewaySettings,
+        recording: RecorderSettings,
+    ) -> None:
+        self.router = router
+        self.recorder = recorder
+        self.max_body = gateway.max_body_bytes
+        self.capture = recording.capture_bodies
+        self.max_chars = recording.max_body_chars
+
+    # -- plumbing -----------------------------------------------------------
+
+    async def _read_json(self, request: Request) -> tuple[bytes, Any]:
+        cl = request.headers.get("content-length")
+        if cl is not None and cl.isdigit() and int(cl) > self.max_body:
+            raise PayloadTooLarge(
+                f"request body is {cl} bytes; the limit is {self.max_body} (gateway.max_body_bytes)"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise PayloadTooLarge(
+                    f"request body exceeds the limit of {self.max_body} bytes "
+                    "(gateway.max_body_bytes)"
+                )
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw:
+            raise InvalidRequest("the request body is empty; send a JSON object")
+        try:
+            return raw, orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+
+    def _record(self, **kw: Any) -> None:
+        # Telemetry never breaks the caller.
+        try:
+            self.recorder.record(make_trace(**kw))
+        except Exception:
+            log.exception("could not record trace")
+
+    def _req_text(self, raw: bytes) -> str | None:
+        if not self.capture:
+            return None
+        return clip_body(raw.decode("utf-8", "replace"), self.max_chars)
+
+    # -- routes -------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        call = Call("chat", request.client.host if request.client else None)
+        try:
+            raw, body = await self._read_json(request)
+            check_chat_body(body)
+            attribution = Attribution.from_request(request.headers, body)
+            alias = self.router.resolve(body["model"])
+            if alias.kind != "chat":
+                raise InvalidRequest(
+                    f"'{alias.name}' is an embedding model; use /v1/embeddings", param="model"
+                )
+        except KeelError as e:
+            return error_response(e, call.id)
+        dep = alias.pick()
+        upstream = {**dep.params, **body, "model": dep.model}
+        common = dict(
+            model=alias.name,
+            provider=dep.provider.name,
+            upstream_model=dep.model,
+            attribution=attribution,
+        )
+        if body.get("stream"):
+            return await self._stream(call, dep.provider, upstream, raw, common)
+        try:
+            resp = await dep.provider.chat(upstream)
+        except KeelError as e:
+            self._record(
+                call=call,
+                stream=False,
+                http_status=e.status,
+                request_body=self._req_text(raw),
+                response_body=None,
+                usage=None,
+                error=e,
+                **common,
+            )
+            return error_response(e, call.id)
+        out = orjson.dumps(resp)
+        usage = resp.get("usage") if isinstance(resp.get("usage"), dict) else None
+        est = None
+        if usage is None:
+            est = (
+                estimate_tokens(messages_text(body["messages"])),
+                estimate_tokens(_choice_text(resp)),
+            )
+        self._record(
+            call=call,
+            stream=False,
+            http_status=200,
+            request_body=self._req_text(raw),
+            response_body=self._resp_text(out),
+            usage=usage,
+            estimated_tokens=est,
+            **common,
+        )
+        return Response(out, media_type=JSON, headers={TRACE_HEADER: call.id})
+
+    def _resp_text(self, out: bytes) -> str | None:
+        if not self.capture:
+            return None
+        return clip_body(out.decode("utf-8", "replace"), self.max_chars)
+
+    async def _stream(
+        self,
+        call: Call,
+        provider: Any,
+        upstream: dict[str, Any],
+        raw: bytes,
+        common: dict[str, Any],
+    ) -> Response:
+        client_opts = upstream.get("stream_options") or {}
+        client_wants_usage = bool(client_opts.get("include_usage"))
+        if provider.reports_stream_usage:
+            upstream["stream_options"] = {**client_opts, "include_usage": True}
+        agen = provider.chat_stream(upstream)
+        # Wait for the first chunk before answering, so that an upstream that
+        # refuses the call gets a real HTTP error status, not a 200 with an
+        # error inside the stream.
+        try:
+            first = await agen.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except KeelError as e:
+            await agen.aclose()
+            self._record(
+                call=call,
+                stream=True,
+                http_status=e.status,
+                request_body=self._req_text(raw),
+                response_body=None,
+                usage=None,
+                error=e,
+                **common,
+            )
+            return error_response(e, call.id)
+        return StreamingResponse(
+            self._relay(call, agen, first, raw, common, client_wants_usage),
+            media_type="text/event-stream",
+            headers={TRACE_HEADER: call.id, "cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+
+    async def _relay(
+        self,
+        call: Call,
+        agen: AsyncIterator[tuple[bytes, dict[str, Any]]],
+        first: tuple[bytes, dict[str, Any]] | None,
+        raw: bytes,
+        common: dict[str, Any],
+        client_wants_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        content: list[str] = []
+        tool_calls: dict[int, dict[str, Any]] = {}
+        finish = None
+        role = "assistant"
+        usage: dict[str, Any] | None = None
+        error: KeelError | None = None
+        status = "ok"
+        try:
+            item = first
+            while item is not None:
+                data, chunk = item
+                choices = chunk.get("choices") or []
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for ch in choices:
+                    delta = ch.get("delta") or {}
+                    if delta.get("content"):
+                        call.mark_first_token()
+                        content.append(delta["content"])
+                    for tc in delta.get("tool_calls") or ():
+                        call.mark_first_token()
+                        _merge_tool_call(tool_calls, tc)
+                    if delta.get("role"):
+                        role = delta["role"]
+                    if ch.get("finish_reason"):
+                        finish = ch["finish_reason"]
+                if choices or client_wants_usage:
+                    yield b"data: " + data + b"\n\n"
+                try:
+                    item = await agen.__anext__()
+                except StopAsyncIteration:
+                    item = None
+            yield b"data: [DONE]\n\n"
+        except KeelError as e:
+            error = e
+            status = "error"
+            yield b"data: " + orjson.dumps(e.to_body()) + b"\n\n"
+        except Exception as e:  # a bug in an adapter: tell the client, keep serving
+            log.exception("stream relay failed")
+            status = "error"
+            error = UpstreamError(f"stream relay failed: {e}", code="relay_error")
+            yield b"data: " + orjson.dumps(error.to_body()) + b"\n\n"
+        except BaseException:  # GeneratorExit / CancelledError: the client went away
+            status = "cancelled"
+            error = UpstreamError(
+                "the client disconnected before the stream ended", status=499, code="client_closed"
+            )
+            raise
+        finally:
+            await agen.aclose()
+            message: dict[str, Any] = {"role": role, "content": "".join(content)}
+            if tool_calls:
+                message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
+            resp_text = None
+            if self.capture:
+                resp_text = clip_body(
+                    orjson.dumps({"message": message, "finish_reason": finish}).decode(),
+                    self.max_chars,
+                )
+            est = None
+            if usage is None:
+                est = (
+                    estimate_tokens(messages_text(common_messages(raw))),
+                    estimate_tokens(message["content"]),
+                )
+            self._record(
+                call=call,
+                stream=True,
+                http_status=error.status if error and status == "error" else 200,
+                request_body=self._req_text(raw),
+                response_body=resp_text,
+                usage=usage,
+                estimated_tokens=est,
+                error=error,
+                status=status,
+                **common,
+            )
+
+    async def embeddings(self, request: Request) -> Response:
+        call = Call("embeddings", request.client.host if request.client else None)
+        try:
+            raw, body = await self._read_json(request)
+            check_embeddings_body(body)
+            attribution = Attribution.from_request(request.headers, body)
+            alias = self.router.resolve(body["model"])
+            if alias.kind != "embedding" and not alias.deployments[0].provider.supports_embeddings:
+                raise InvalidRequest(f"'{alias.name}' does not serve embeddings", param="model")
+        except KeelError as e:
+            return error_response(e, call.id)
+        dep = alias.pick()
+        upstream = {**dep.params, **body, "model": dep.model}
+        common = dict(
+            model=alias.name,
+            provider=dep.provider.name,
+            upstream_model=dep.model,
+            attribution=attribution,
+        )
+        try:
+            resp = await dep.provider.embeddings(upstream)
+        except KeelError as e:
+            self._record(
+                call=call,
+                stream=False,
+                http_status=e.status,
+                request_body=self._req_text(raw),
+                response_body=None,
+                usage=None,
+                error=e,
+                **common,
+            )
+            return error_response(e, call.id)
+        out = orjson.dumps(resp)
+        usage = resp.get("usage") if isinstance(resp.get("usage"), dict) else None
+        if usage is not None and "completion_tokens" not in usage:
+            usage = {**usage, "completion_tokens": 0}
+        summary = None
+        if self.capture:
+            # Vectors are not worth storing; their count and size are.
+            data = resp.get("data") or []
+            first = data[0].get("embedding") if data and isinstance(data[0], dict) else None
+            dims = len(first) if isinstance(first, list) else None
+            summary = orjson.dumps(
+                {"object": "list", "count": len(data), "dimensions": dims, "usage": usage}
+            ).decode()
+        est = None
+        if usage is None:
+            inp = body["input"]
+            est = (estimate_tokens(inp if isinstance(inp, str) else " ".join(map(str, inp))), 0)
+        self._record(
+            call=call,
+            stream=False,
+            http_status=200,
+            request_body=self._req_text(raw),
+            response_body=summary,
+            usage=usage,
+            estimated_tokens=est,
+            **common,
+        )
+        return Response(out, media_type=JSON, headers={TRACE_HEADER: call.id})
+
+    async def models(self) -> Response:
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "keel",
+                "kind": self.router.aliases[name].kind,
+            }
+            for name in self.router.names()
+        ]
+        return Response(orjson.dumps({"object": "list", "data": data}), media_type=JSON)
+
+    async def model(self, model: str) -> Response:
+        try:
+            alias = self.router.resolve(model)
+        except KeelError as e:
+            return error_response(e)
+        return Response(
+            orjson.dumps(
+                {
+                    "id": alias.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "keel",
+                    "kind": alias.kind,
+                }
+            ),
+            media_type=JSON,
+        )
+
+    def api_router(self) -> APIRouter:
+        r = APIRouter(tags=["gateway"])
+        r.add_api_route(
+            "/v1/chat/completions",
+            self.chat_completions,
+            methods=["POST"],
+            summary="Create a chat completion (OpenAI-compatible)",
+            openapi_extra=_CHAT_SCHEMA,
+            response_class=Response,
+        )
+        r.add_api_route(
+            "/v1/embeddings",
+            self.embeddings,
+            methods=["POST"],
+            summary="Create embeddings (OpenAI-compatible)",
+            openapi_extra=_EMBED_SCHEMA,
+            response_class=Response,
+        )
+        r.add_api_route(
+            "/v1/models",
+            self.models,
+            methods=["GET"],
+            summary="List the model aliases",
+            response_class=Response,
+        )
+        r.add_api_route(
+            "/v1/models/{model}",
+            self.model,
+            methods=["GET"],
+            summary="One model alias",
+            response_class=Response,
+        )
+        return r
+
+
+def common_messages(raw: bytes) -> list[Any]:
+    try:
+        body = orjson.loads(raw)
+        return body.get("messages") or []
+    except (orjson.JSONDecodeError, AttributeError):
+        return []
+
+
+def _choice_text(resp: dict[str, Any]) -> str:
+    try:
+        return "".join((c.get("message") or {}).get("content") or "" for c in resp["choices"])
+    except (KeyError, TypeError, AttributeError):
+        return ""
+
+
+def _merge_tool_call(acc: dict[int, dict[str, Any]], tc: dict[str, Any]) -> None:
+    i = tc.get("index", 0)
+    cur = acc.setdefault(
+        i, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+    )
+    if tc.get("id"):
+        cur["id"] = tc["id"]
+    fn = tc.get("function") or {}
+    if fn.get("name"):
+        cur["function"]["name"] += fn["name"]
+    if fn.get("arguments"):
+        cur["function"]["arguments"] += fn["arguments"]

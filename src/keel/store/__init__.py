@@ -1,0 +1,1 @@
+"""The store: engine, tables, migrations, the batch writer and rollups."""
