@@ -34,15 +34,25 @@ def make_settings(fake: FakeUpstream, data_dir: Path, **over: Any) -> Settings:
         "local": {"enabled": False},
         "recorder": {"flush_interval_s": 0.05},
         "providers": {
-            "fake": {"kind": "openai", "base_url": fake.url, "api_key_env": "FAKE_KEY",
-                     "timeout_s": 2.0},
+            "fake": {
+                "kind": "openai",
+                "base_url": fake.url,
+                "api_key_env": "FAKE_KEY",
+                "timeout_s": 2.0,
+            },
             "claude": {"kind": "anthropic", "base_url": fake.root_url, "timeout_s": 2.0},
-            "nowhere": {"kind": "openai", "base_url": f"http://127.0.0.1:{_free_port()}/v1",
-                        "connect_timeout_s": 1.0},
+            "nowhere": {
+                "kind": "openai",
+                "base_url": f"http://127.0.0.1:{_free_port()}/v1",
+                "connect_timeout_s": 1.0,
+            },
         },
         "models": {
-            "gpt": {"deployments": [{"provider": "fake", "model": "fake",
-                                     "params": {"temperature": 0.1}}]},
+            "gpt": {
+                "deployments": [
+                    {"provider": "fake", "model": "fake", "params": {"temperature": 0.1}}
+                ]
+            },
             "claude": "claude/fake-claude",
             "hang": "fake/fake:hang",
             "down": "nowhere/whatever",
@@ -65,9 +75,16 @@ class KeelServer:
         self.app = create_app(settings, environ=environ or {"FAKE_KEY": "sk-fake"})
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning",
-            access_log=False, lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                access_log=False,
+                lifespan="on",
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -144,9 +161,12 @@ def pg_url() -> Iterator[str]:
     finally:
         with admin.connect() as c:
             c.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-            c.execute(sa.text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
-            ), {"n": name})
+            c.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+                ),
+                {"n": name},
+            )
             with contextlib.suppress(Exception):
                 c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 
 from keel.config import ProviderSettings
 from keel.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from keel.gateway.providers._http import make_session
 from keel.gateway.providers.anthropic import (
     AnthropicProvider,
     StreamTranslator,
@@ -29,12 +29,14 @@ def fake() -> Iterator[FakeUpstream]:
 
 
 def make_provider(
-    base_url: str | None, timeout: httpx.Timeout | None = None, **settings: Any
+    base_url: str | None, read_timeout: float = 2.0, **settings: Any
 ) -> AnthropicProvider:
     return AnthropicProvider(
         "claude",
         ProviderSettings(kind="anthropic", base_url=base_url, **settings),
-        client=httpx.AsyncClient(timeout=timeout or httpx.Timeout(2.0)),
+        session_factory=lambda: make_session(
+            read_timeout_s=read_timeout, connect_timeout_s=2.0, max_connections=10
+        ),
         api_key="sk-test",
     )
 
@@ -43,8 +45,7 @@ def make_provider(
 async def provider(fake: FakeUpstream) -> AsyncIterator[AnthropicProvider]:
     p = make_provider(fake.root_url)
     yield p
-    assert p.client is not None
-    await p.client.aclose()
+    await p.close_session()
 
 
 def user(text: str, model: str = "claude-test", **extra: Any) -> dict[str, Any]:
@@ -127,8 +128,7 @@ async def test_custom_headers_and_version(fake: FakeUpstream) -> None:
     try:
         await p.chat(user("hi"))
     finally:
-        assert p.client is not None
-        await p.client.aclose()
+        await p.close_session()
     assert fake.headers[-1]["anthropic-version"] == "2099-01-01"
     assert fake.headers[-1]["anthropic-beta"] == "cache-1"
 
@@ -522,7 +522,7 @@ async def test_malformed_stream_event(provider: AnthropicProvider) -> None:
 
 
 async def test_hang_is_a_timeout(fake: FakeUpstream) -> None:
-    p = make_provider(fake.root_url, timeout=httpx.Timeout(2.0, read=0.3))
+    p = make_provider(fake.root_url, read_timeout=0.3)
     try:
         with pytest.raises(UpstreamTimeout) as info:
             await p.chat(user("hi", model="fake:hang"))
@@ -530,8 +530,7 @@ async def test_hang_is_a_timeout(fake: FakeUpstream) -> None:
         with pytest.raises(UpstreamTimeout):
             await collect(p, user("hi", model="fake:hang"))
     finally:
-        assert p.client is not None
-        await p.client.aclose()
+        await p.close_session()
 
 
 async def test_dropped_stream(provider: AnthropicProvider) -> None:
@@ -550,5 +549,4 @@ async def test_unreachable_upstream() -> None:
             await p.chat(user("hi"))
         assert info.value.code == "upstream_unreachable"
     finally:
-        assert p.client is not None
-        await p.client.aclose()
+        await p.close_session()

@@ -33,9 +33,15 @@ models:
 def test_good_file_env_and_overrides(tmp_path):
     p = tmp_path / "keel.yaml"
     p.write_text(GOOD)
-    s = load_settings(p, environ={"KEEL_PORT": "4200", "KEEL_RECORDER_BATCH_SIZE": "7",
-                                  "KEEL_DATABASE_URL": "postgres://u@h:5432/db"},
-                      overrides={"host": "0.0.0.0", "port": None})
+    s = load_settings(
+        p,
+        environ={
+            "KEEL_PORT": "4200",
+            "KEEL_RECORDER_BATCH_SIZE": "7",
+            "KEEL_DATABASE_URL": "postgres://u@h:5432/db",
+        },
+        overrides={"host": "0.0.0.0", "port": None},
+    )
     assert s.port == 4200 and s.host == "0.0.0.0" and s.recorder.batch_size == 7
     assert s.database_url == "postgresql+psycopg://u@h:5432/db"
     assert s.providers["openai"].base_url == "https://api.openai.com/v1"
@@ -56,14 +62,20 @@ def test_defaults_without_a_file(tmp_path, monkeypatch):
     [
         ("port: 99999\n", ["port:", "less than or equal to 65535"]),
         ("prot: 4000\n", ["prot: unknown setting"]),
-        ("recorder: {batch_size: 0, queue_size: x}\n",
-         ["recorder.batch_size", "recorder.queue_size", "2 invalid"]),
+        (
+            "recorder: {batch_size: 0, queue_size: x}\n",
+            ["recorder.batch_size", "recorder.queue_size", "2 invalid"],
+        ),
         ("providers: {o: {kind: openai}}\n", ["providers.o", "base_url is required"]),
         ("providers: {o: {kind: nope, base_url: http://x}}\n", ["providers.o.kind"]),
-        ("providers: {o: {kind: openai, base_url: ftp://x}}\n",
-         ["providers.o.base_url", "http://"]),
-        ("providers: {o: {kind: openai, base_url: 'http://x', api_key_env: 'sk-123abc'}}\n",
-         ["api_key_env", "NAME of an environment variable"]),
+        (
+            "providers: {o: {kind: openai, base_url: ftp://x}}\n",
+            ["providers.o.base_url", "http://"],
+        ),
+        (
+            "providers: {o: {kind: openai, base_url: 'http://x', api_key_env: 'sk-123abc'}}\n",
+            ["api_key_env", "NAME of an environment variable"],
+        ),
         ("models: {m: ghost/x}\n", ["models.m.deployments.0.provider", "unknown provider 'ghost'"]),
         ("models: {m: justaname}\n", ["provider/model"]),
         ("models: {m: {deployments: []}}\n", ["models.m.deployments"]),
@@ -85,7 +97,7 @@ def test_bad_config_names_each_entry(tmp_path, text, needles):
 
 
 def test_bad_env_value_is_reported(tmp_path):
-    with pytest.raises(ConfigError, match="recorder.batch_size"):
+    with pytest.raises(ConfigError, match=r"recorder\.batch_size"):
         load_settings(None, environ={"KEEL_RECORDER_BATCH_SIZE": "lots"})
 
 
@@ -113,7 +125,12 @@ def test_reference_lists_every_setting_with_its_env_var():
 def test_version_and_help():
     r = CliRunner().invoke(cli, ["version"])
     assert r.exit_code == 0 and r.output.startswith("keel ")
-    for sub in (["--help"], ["up", "--help"], ["traces", "list", "--help"],
-                ["config", "check", "--help"], ["db", "upgrade", "--help"]):
+    for sub in (
+        ["--help"],
+        ["up", "--help"],
+        ["traces", "list", "--help"],
+        ["config", "check", "--help"],
+        ["db", "upgrade", "--help"],
+    ):
         r = CliRunner().invoke(cli, sub)
         assert r.exit_code == 0 and "Usage:" in r.output

@@ -59,12 +59,20 @@ def test_chat_streaming_relays_chunks_and_records_usage(keel, fake):
 
 def test_streaming_with_client_usage_and_no_upstream_usage(keel):
     client = openai.OpenAI(base_url=keel.url + "/v1", api_key="unused")
-    chunks = list(client.chat.completions.create(
-        model="gpt", messages=[{"role": "user", "content": "a b"}], stream=True,
-        stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt",
+            messages=[{"role": "user", "content": "a b"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
-    list(client.chat.completions.create(
-        model="gpt", messages=[{"role": "user", "content": "x [[fake: no_usage]]"}], stream=True))
+    list(
+        client.chat.completions.create(
+            model="gpt", messages=[{"role": "user", "content": "x [[fake: no_usage]]"}], stream=True
+        )
+    )
     rows = keel.rows("traces", "ORDER BY started_at_ms")
     assert rows[0]["tokens_estimated"] is False or rows[0]["tokens_estimated"] == 0
     assert rows[1]["tokens_estimated"] and rows[1]["completion_tokens"] > 0
@@ -73,8 +81,9 @@ def test_streaming_with_client_usage_and_no_upstream_usage(keel):
 async def test_async_sdk_and_embeddings(keel):
     client = openai.AsyncOpenAI(base_url=keel.url + "/v1", api_key="unused")
     resp = await client.chat.completions.create(
-        model="claude", messages=[{"role": "system", "content": "be brief"},
-                                  {"role": "user", "content": "hi"}])
+        model="claude",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+    )
     assert resp.choices[0].message.content == "Echo: hi"
     emb = await client.embeddings.create(model="emb", input=["a", "b"])
     assert len(emb.data) == 2 and len(emb.data[0].embedding) == 8

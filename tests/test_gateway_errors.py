@@ -11,9 +11,11 @@ import pytest
 
 
 def _chat(keel, content, model="gpt", **kw):
-    return httpx.post(keel.url + "/v1/chat/completions", timeout=10,
-                      json={"model": model, "messages": [{"role": "user", "content": content}],
-                            **kw})
+    return httpx.post(
+        keel.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": model, "messages": [{"role": "user", "content": content}], **kw},
+    )
 
 
 @pytest.mark.parametrize(
@@ -29,8 +31,9 @@ def _chat(keel, content, model="gpt", **kw):
         ("hi", "down", 502, "upstream_error"),
     ],
 )
-def test_upstream_failures_become_errors_and_failed_traces(keel, content, model, status,
-                                                            code_or_type):
+def test_upstream_failures_become_errors_and_failed_traces(
+    keel, content, model, status, code_or_type
+):
     r = _chat(keel, content, model=model)
     assert r.status_code == status
     err = r.json()["error"]
@@ -54,10 +57,16 @@ def test_stream_refused_upstream_gets_http_status(keel, model):
 @pytest.mark.parametrize("model", ["gpt", "claude"])
 @pytest.mark.parametrize("directive", ["malformed", "drop"])
 def test_failure_mid_stream_is_reported_in_stream_and_recorded(keel, model, directive):
-    with httpx.stream("POST", keel.url + "/v1/chat/completions", timeout=10, json={
-        "model": model, "stream": True,
-        "messages": [{"role": "user", "content": f"a b c d e f [[fake: {directive}]]"}],
-    }) as r:
+    with httpx.stream(
+        "POST",
+        keel.url + "/v1/chat/completions",
+        timeout=10,
+        json={
+            "model": model,
+            "stream": True,
+            "messages": [{"role": "user", "content": f"a b c d e f [[fake: {directive}]]"}],
+        },
+    ) as r:
         assert r.status_code == 200
         lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
     last = json.loads(lines[-1][6:])
@@ -69,12 +78,18 @@ def test_failure_mid_stream_is_reported_in_stream_and_recorded(keel, model, dire
 
 
 def test_client_disconnect_mid_stream_is_recorded_as_cancelled(keel):
-    body = json.dumps({"model": "gpt", "stream": True, "messages": [
-        {"role": "user", "content": "[[fake: words=200, chunk_delay=20]]"}]}).encode()
+    body = json.dumps(
+        {
+            "model": "gpt",
+            "stream": True,
+            "messages": [{"role": "user", "content": "[[fake: words=200, chunk_delay=20]]"}],
+        }
+    ).encode()
     s = socket.create_connection(("127.0.0.1", keel.port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-              b"application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-              + body)
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        b"application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
     got = b""
     while b"w3" not in got:
         got += s.recv(4096)
@@ -109,8 +124,11 @@ BAD_BODIES = [
 
 @pytest.mark.parametrize(("body", "status", "needle"), BAD_BODIES)
 def test_bad_input_is_a_clear_4xx_and_not_recorded(keel, body, status, needle):
-    r = httpx.post(keel.url + "/v1/chat/completions", content=body,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        keel.url + "/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
     assert r.json()["error"]["type"] == "invalid_request_error"
@@ -121,20 +139,25 @@ def test_oversized_body_is_413(keel_factory):
     keel = keel_factory(gateway={"max_body_bytes": 2048})
     r = _chat(keel, "x" * 5000)
     assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
+
     # chunked upload without content-length is cut off too
     def gen():
         yield b'{"model": "gpt", "messages": [{"role": "user", "content": "'
         for _ in range(10):
             yield b"y" * 1000
         yield b'"}]}'
+
     r = httpx.post(keel.url + "/v1/chat/completions", content=gen())
     assert r.status_code == 413
     assert keel.rows() == []
 
 
 def test_bad_tags_header_and_embeddings_input(keel):
-    r = httpx.post(keel.url + "/v1/chat/completions", headers={"X-Keel-Tags": "novalue"},
-                   json={"model": "gpt", "messages": [{"role": "user", "content": "x"}]})
+    r = httpx.post(
+        keel.url + "/v1/chat/completions",
+        headers={"X-Keel-Tags": "novalue"},
+        json={"model": "gpt", "messages": [{"role": "user", "content": "x"}]},
+    )
     assert r.status_code == 400 and "X-Keel-Tags" in r.json()["error"]["message"]
     for bad in ([], [1, "a"], {"a": 1}, None):
         r = httpx.post(keel.url + "/v1/embeddings", json={"model": "emb", "input": bad})
@@ -155,6 +178,7 @@ def test_sdk_sees_typed_errors(keel):
     client = openai.OpenAI(base_url=keel.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.InternalServerError):
         client.chat.completions.create(
-            model="gpt", messages=[{"role": "user", "content": "[[fake: error=500]]"}])
+            model="gpt", messages=[{"role": "user", "content": "[[fake: error=500]]"}]
+        )
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="gpt", messages=[])

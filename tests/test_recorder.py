@@ -19,10 +19,22 @@ from keel.store.tables import LAT_COLS, metadata
 
 
 def trace(i: int = 0, **over):
-    t = {"id": new_id(), "started_at_ms": int(time.time() * 1000), "duration_ms": 10.0 + i,
-         "endpoint": "chat", "model": "m", "provider": "p", "status": "ok", "http_status": 200,
-         "stream": False, "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
-         "tokens_estimated": False, "request_body": "x" * 100}
+    t = {
+        "id": new_id(),
+        "started_at_ms": int(time.time() * 1000),
+        "duration_ms": 10.0 + i,
+        "endpoint": "chat",
+        "model": "m",
+        "provider": "p",
+        "status": "ok",
+        "http_status": 200,
+        "stream": False,
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "tokens_estimated": False,
+        "request_body": "x" * 100,
+    }
     t.update(over)
     return t
 
@@ -85,8 +97,14 @@ def test_percentile_of_fixed_buckets():
 
 
 def test_queue_full_spills_and_replays_exactly_once(engine, tmp_path):
-    rec = Recorder(engine, tmp_path / "spill", queue_size=10, batch_size=5,
-                   flush_interval_s=0.02, replay_interval_s=0.05)
+    rec = Recorder(
+        engine,
+        tmp_path / "spill",
+        queue_size=10,
+        batch_size=5,
+        flush_interval_s=0.02,
+        replay_interval_s=0.05,
+    )
     for i in range(25):  # writer not started yet: 15 overflow into the spill file
         rec.record(trace(i))
     assert rec.stats.spilled == 15 and rec.queue_depth == 10
@@ -139,27 +157,42 @@ def _set_pg_connections(url: str, allow: bool) -> None:
     with admin.connect() as c:
         c.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}'))
         if not allow:
-            c.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = :n AND pid <> pg_backend_pid()"), {"n": name})
+            c.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :n AND pid <> pg_backend_pid()"
+                ),
+                {"n": name},
+            )
     admin.dispose()
 
 
 @pytest.mark.postgres
 def test_store_down_calls_succeed_spill_and_replay_exactly_once(keel_factory, pg_url):
-    keel = keel_factory(database_url=pg_url,
-                        recorder={"flush_interval_s": 0.05, "replay_interval_s": 0.2})
+    keel = keel_factory(
+        database_url=pg_url, recorder={"flush_interval_s": 0.05, "replay_interval_s": 0.2}
+    )
     for i in range(5):
-        assert httpx.post(keel.url + "/v1/chat/completions", json={
-            "model": "gpt", "messages": [{"role": "user", "content": f"before {i}"}]}
-        ).status_code == 200
+        assert (
+            httpx.post(
+                keel.url + "/v1/chat/completions",
+                json={"model": "gpt", "messages": [{"role": "user", "content": f"before {i}"}]},
+            ).status_code
+            == 200
+        )
     keel.flush()
     _set_pg_connections(pg_url, allow=False)
     try:
         ids = []
         for i in range(20):
-            r = httpx.post(keel.url + "/v1/chat/completions", json={
-                "model": "gpt", "stream": i % 2 == 0,
-                "messages": [{"role": "user", "content": f"during {i}"}]})
+            r = httpx.post(
+                keel.url + "/v1/chat/completions",
+                json={
+                    "model": "gpt",
+                    "stream": i % 2 == 0,
+                    "messages": [{"role": "user", "content": f"during {i}"}],
+                },
+            )
             assert r.status_code == 200  # the caller never notices
             ids.append(r.headers["x-keel-trace-id"])
         keel.flush()
@@ -186,8 +219,11 @@ def test_store_down_calls_succeed_spill_and_replay_exactly_once(keel_factory, pg
 @pytest.mark.postgres
 def test_gateway_on_postgres(keel_factory, pg_url):
     keel = keel_factory(database_url=pg_url)
-    r = httpx.post(keel.url + "/v1/chat/completions", headers={"X-Keel-User": "pg"},
-                   json={"model": "claude", "messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(
+        keel.url + "/v1/chat/completions",
+        headers={"X-Keel-User": "pg"},
+        json={"model": "claude", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.status_code == 200
     (t,) = keel.rows()
     assert t["user_id"] == "pg" and t["provider"] == "claude" and t["prompt_tokens"] > 0

@@ -12,17 +12,21 @@ from keel.cli import cli
 
 def _send(keel, n, **headers):
     for i in range(n):
-        r = httpx.post(keel.url + "/v1/chat/completions", headers=headers,
-                       json={"model": "gpt", "messages": [{"role": "user", "content": f"m{i}"}]})
+        r = httpx.post(
+            keel.url + "/v1/chat/completions",
+            headers=headers,
+            json={"model": "gpt", "messages": [{"role": "user", "content": f"m{i}"}]},
+        )
         assert r.status_code == 200
 
 
 def test_filters_pagination_and_detail(keel):
     _send(keel, 7, **{"X-Keel-User": "u1", "X-Keel-Feature": "f1"})
     _send(keel, 3, **{"X-Keel-User": "u2"})
-    httpx.post(keel.url + "/v1/chat/completions",
-               json={"model": "claude", "messages": [{"role": "user",
-                                                      "content": "[[fake: error=500]]"}]})
+    httpx.post(
+        keel.url + "/v1/chat/completions",
+        json={"model": "claude", "messages": [{"role": "user", "content": "[[fake: error=500]]"}]},
+    )
     keel.flush()
     api = keel.url + "/api/traces"
     assert len(httpx.get(api, params={"limit": 100}).json()["data"]) == 11
@@ -57,9 +61,13 @@ def test_filters_pagination_and_detail(keel):
 
 def test_bad_filters_are_400_and_missing_trace_404(keel):
     api = keel.url + "/api/traces"
-    for params, needle in [({"since": "yesterday"}, "since"), ({"limit": 0}, "limit"),
-                           ({"limit": "many"}, "limit"), ({"status": "weird"}, "status"),
-                           ({"cursor": "!!!"}, "cursor")]:
+    for params, needle in [
+        ({"since": "yesterday"}, "since"),
+        ({"limit": 0}, "limit"),
+        ({"limit": "many"}, "limit"),
+        ({"status": "weird"}, "status"),
+        ({"cursor": "!!!"}, "cursor"),
+    ]:
         r = httpx.get(api, params=params)
         assert r.status_code == 400, (params, r.text)
         assert needle in r.json()["error"]["message"]

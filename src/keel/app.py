@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -11,7 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -50,26 +50,19 @@ def _load_provider_kinds() -> None:
         import keel.gateway.providers.anthropic  # noqa: F401
 
 
-def build_providers(
-    settings: Settings,
-    environ: Mapping[str, str],
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> dict[str, Provider]:
+def build_providers(settings: Settings, environ: Mapping[str, str]) -> dict[str, Provider]:
     _load_provider_kinds()
+    from keel.gateway.providers._http import make_session
+
     providers: dict[str, Provider] = {}
     g = settings.gateway
     for name, ps in settings.providers.items():
         cls = PROVIDER_KINDS[ps.kind]
-        timeout = httpx.Timeout(
-            ps.timeout_s or g.default_timeout_s,
-            connect=ps.connect_timeout_s or g.connect_timeout_s,
-        )
-        client = httpx.AsyncClient(
-            timeout=timeout,
-            limits=httpx.Limits(
-                max_connections=g.max_connections, max_keepalive_connections=g.max_connections
-            ),
-            transport=transport,
+        factory = functools.partial(
+            make_session,
+            read_timeout_s=ps.timeout_s or g.default_timeout_s,
+            connect_timeout_s=ps.connect_timeout_s or g.connect_timeout_s,
+            max_connections=g.max_connections,
         )
         key = environ.get(ps.api_key_env) if ps.api_key_env else None
         if ps.api_key_env and not key:
@@ -78,7 +71,7 @@ def build_providers(
                 name,
                 ps.api_key_env,
             )
-        providers[name] = cls(name, ps, client=client, api_key=key)
+        providers[name] = cls(name, ps, session_factory=factory, api_key=key)
     if settings.local.enabled:
         try:
             from keel.gateway.providers.local import LocalProvider
@@ -98,7 +91,6 @@ def create_app(
     *,
     environ: Mapping[str, str] | None = None,
     engine: Engine | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
     """Build the ASGI app. Reads nothing from the environment unless ``environ`` is given
     (``cli.py`` passes ``os.environ`` so provider keys can be resolved)."""
@@ -114,7 +106,7 @@ def create_app(
         flush_interval_s=rs.flush_interval_s,
         replay_interval_s=rs.replay_interval_s,
     )
-    providers = build_providers(settings, env, transport)
+    providers = build_providers(settings, env)
     router = Router.from_settings(settings, providers)
     gateway = Gateway(router, recorder, settings.gateway, settings.recorder)
     state = KeelState(settings, engine, recorder, providers, router)
@@ -134,8 +126,8 @@ def create_app(
             for p in providers.values():
                 with contextlib.suppress(Exception):
                     await p.aclose()
-                if p.client is not None:
-                    await p.client.aclose()
+                with contextlib.suppress(Exception):
+                    await p.close_session()
             await asyncio.to_thread(recorder.stop)
 
     app = FastAPI(

@@ -14,16 +14,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import orjson
 
 from keel.errors import InvalidRequest, UpstreamError
+from keel.gateway.providers._http import open_stream, post_json, sse_data
 from keel.gateway.providers.base import ChatChunk, Provider, register
-from keel.gateway.providers.openai import (
-    status_for_upstream,
-    transport_error,
-    upstream_error_message,
-)
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 #: Anthropic requires max_tokens; OpenAI callers often leave it out.
@@ -458,33 +453,14 @@ class AnthropicProvider(Provider):
     def _url(self) -> str:
         return f"{self.settings.base_url or DEFAULT_BASE_URL}/v1/messages"
 
-    def _http_error(self, status: int, content: bytes) -> UpstreamError:
-        return UpstreamError(
-            f"upstream '{self.name}' answered {status}: {upstream_error_message(status, content)}",
-            status=status_for_upstream(status),
-            upstream_status=status,
-        )
-
     def _malformed(self, what: str) -> UpstreamError:
         return UpstreamError(f"upstream '{self.name}' sent {what}", code="upstream_malformed")
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert self.client is not None
         payload = to_anthropic(body)
-        try:
-            resp = await self.client.post(
-                self._url(), content=orjson.dumps(payload), headers=self._headers()
-            )
-        except httpx.HTTPError as e:
-            raise transport_error(self.name, e) from e
-        if resp.status_code >= 400:
-            raise self._http_error(resp.status_code, resp.content)
-        try:
-            data = orjson.loads(resp.content)
-        except orjson.JSONDecodeError as e:
-            raise self._malformed(
-                f"a malformed body (not JSON): {resp.content[:200].decode('utf-8', 'replace')!r}"
-            ) from e
+        data = await post_json(
+            self.session, self.name, self._url(), orjson.dumps(payload), self._headers()
+        )
         if not isinstance(data, dict):
             raise self._malformed("a malformed body (not an object)")
         try:
@@ -493,53 +469,24 @@ class AnthropicProvider(Provider):
             raise self._malformed(f"a malformed message ({e})") from e
 
     async def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[ChatChunk]:
-        assert self.client is not None
         payload = {**to_anthropic(body), "stream": True}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         translator = StreamTranslator(self.name, body.get("model"), include_usage)
-        req = self.client.build_request(
-            "POST", self._url(), content=orjson.dumps(payload), headers=self._headers()
+        async with open_stream(
+            self.session, self.name, self._url(), orjson.dumps(payload), self._headers()
+        ) as resp:
+            async for data in sse_data(resp, self.name):
+                try:
+                    event = orjson.loads(data)
+                except orjson.JSONDecodeError as e:
+                    raise self._malformed(f"a malformed stream event: {data[:200]!r}") from e
+                if not isinstance(event, dict):
+                    raise self._malformed(f"a malformed stream event: {data[:200]!r}")
+                for chunk in translator.feed(event):
+                    yield orjson.dumps(chunk), chunk
+                if translator.done:
+                    return
+        raise UpstreamError(
+            f"upstream '{self.name}' ended the stream before message_stop",
+            code="upstream_stream_error",
         )
-        try:
-            resp = await self.client.send(req, stream=True)
-        except httpx.HTTPError as e:
-            raise transport_error(self.name, e) from e
-        try:
-            if resp.status_code >= 400:
-                raise self._http_error(resp.status_code, await resp.aread())
-            try:
-                async for data in _sse_data(resp):
-                    try:
-                        event = orjson.loads(data)
-                    except orjson.JSONDecodeError as e:
-                        raise self._malformed(f"a malformed stream event: {data[:200]!r}") from e
-                    if not isinstance(event, dict):
-                        raise self._malformed(f"a malformed stream event: {data[:200]!r}")
-                    for chunk in translator.feed(event):
-                        yield orjson.dumps(chunk), chunk
-                    if translator.done:
-                        return
-            except httpx.HTTPError as e:
-                raise transport_error(self.name, e) from e
-            raise UpstreamError(
-                f"upstream '{self.name}' ended the stream before message_stop",
-                code="upstream_stream_error",
-            )
-        finally:
-            await resp.aclose()
-
-
-async def _sse_data(resp: httpx.Response) -> AsyncIterator[str]:
-    """The ``data`` of each server-sent event (multi-line data joined by newlines)."""
-    lines: list[str] = []
-    async for line in resp.aiter_lines():
-        if not line:
-            if lines:
-                yield "\n".join(lines)
-                lines = []
-        elif line.startswith("data:"):
-            value = line[5:]
-            lines.append(value[1:] if value.startswith(" ") else value)
-        # event:, id:, retry: and comments carry nothing the data does not.
-    if lines:
-        yield "\n".join(lines)

@@ -19,10 +19,10 @@ decorate the class with :func:`register`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
-import httpx
+import aiohttp
 
 from keel.config import ProviderSettings
 from keel.errors import Unsupported
@@ -49,13 +49,31 @@ class Provider:
         name: str,
         settings: ProviderSettings,
         *,
-        client: httpx.AsyncClient | None = None,
+        session: aiohttp.ClientSession | None = None,
+        session_factory: Callable[[], aiohttp.ClientSession] | None = None,
         api_key: str | None = None,
+        client: Any = None,  # accepted for adapters that take no network seam
     ) -> None:
         self.name = name
         self.settings = settings
-        self.client = client
         self.api_key = api_key
+        self._session = session
+        self._session_factory = session_factory
+        self._owns_session = session is None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP session (the network seam), created on first use inside the loop."""
+        if self._session is None:
+            if self._session_factory is None:
+                raise RuntimeError(f"provider '{self.name}' has no HTTP session")
+            self._session = self._session_factory()
+        return self._session
+
+    async def close_session(self) -> None:
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+            self._session = None
 
     @property
     def available(self) -> bool:
