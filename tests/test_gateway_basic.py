@@ -101,3 +101,32 @@ def test_models_and_unknown_model(keel):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     assert "Available models: claude, down, emb, gpt, hang" in str(ei.value)
     assert keel.rows() == []
+
+
+@pytest.mark.slow
+def test_local_model_through_the_gateway(keel_factory):
+    """The embedded model answers with no key and no network, streamed and recorded."""
+    keel = keel_factory(local={"enabled": True, "max_tokens": 16})
+    client = openai.OpenAI(base_url=keel.url + "/v1", api_key="unused")
+    resp = client.chat.completions.create(
+        model="local", messages=[{"role": "user", "content": "Say hello."}], max_tokens=12
+    )
+    assert resp.choices[0].message.content.strip()
+    chunks = list(
+        client.chat.completions.create(
+            model="local",
+            messages=[{"role": "user", "content": "Count to three."}],
+            max_tokens=12,
+            stream=True,
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+    emb = client.embeddings.create(model="local-embed", input="hello world")
+    assert len(emb.data[0].embedding) == 384
+    rows = keel.rows("traces", "ORDER BY started_at_ms")
+    assert [r["model"] for r in rows] == ["local", "local", "local-embed"]
+    assert rows[1]["stream"] and rows[1]["ttft_ms"] is not None
+    assert all(r["status"] == "ok" and r["prompt_tokens"] > 0 for r in rows)
+    assert not rows[1]["tokens_estimated"]  # llama reports usage on the stream
+    ready = httpx.get(keel.url + "/readyz").json()
+    assert ready["providers"]["local"] is True
