@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,6 +27,12 @@ from keel.errors import InvalidRequest, KeelError, NotFound
 from keel.gateway.providers.base import PROVIDER_KINDS, Provider
 from keel.gateway.router import Router
 from keel.gateway.routes import Gateway, error_response
+from keel.monitoring.metrics import (
+    CallbackCollector,
+    GatewayMetrics,
+    daemon_families,
+    recorder_families,
+)
 from keel.store.engine import make_engine, migrate
 from keel.store.recorder import Recorder
 from keel.tracing import api as traces_api
@@ -40,6 +47,9 @@ class KeelState:
     recorder: Recorder
     providers: dict[str, Provider]
     router: Router
+    registry: CollectorRegistry
+    metrics: GatewayMetrics
+    daemons: list[Any]
 
 
 def _load_provider_kinds() -> None:
@@ -108,8 +118,14 @@ def create_app(
     )
     providers = build_providers(settings, env)
     router = Router.from_settings(settings, providers)
-    gateway = Gateway(router, recorder, settings.gateway, settings.recorder)
-    state = KeelState(settings, engine, recorder, providers, router)
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+    recorder.observers.append(metrics.observe)
+    daemons: list[Any] = []
+    registry.register(CallbackCollector(recorder_families(recorder)))
+    registry.register(CallbackCollector(daemon_families(lambda: daemons)))
+    gateway = Gateway(router, recorder, settings.gateway, settings.recorder, metrics)
+    state = KeelState(settings, engine, recorder, providers, router, registry, metrics, daemons)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -120,9 +136,14 @@ def create_app(
                 await p.start()
             except Exception:
                 log.exception("provider %s failed to start", p.name)
+        for d in daemons:
+            d.start()
         try:
             yield
         finally:
+            for d in daemons:
+                with contextlib.suppress(Exception):
+                    await d.stop()
             for p in providers.values():
                 with contextlib.suppress(Exception):
                     await p.aclose()
@@ -186,6 +207,17 @@ def create_app(
         return Response(
             orjson.dumps(body), status_code=200 if ok else 503, media_type="application/json"
         )
+
+    if settings.monitoring.metrics_enabled:
+
+        @app.get(
+            "/metrics",
+            tags=["ops"],
+            summary="Prometheus metrics of this process",
+            response_class=Response,
+        )
+        def prometheus_metrics() -> Response:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/recorder", tags=["ops"], summary="Recorder counters")
     async def recorder_stats() -> dict[str, Any]:

@@ -84,6 +84,65 @@ class LocalSettings(_Section):
     )
 
 
+class MonitoringSettings(_Section):
+    sample_interval_s: float = Field(
+        10.0, gt=0, description="How often CPU, memory, GPU and event-loop lag are sampled."
+    )
+    probe_interval_s: float = Field(
+        30.0, gt=0, description="How often each component is probed (unless it sets its own)."
+    )
+    probe_timeout_s: float = Field(5.0, gt=0, description="Default timeout of one probe.")
+    probe_providers: bool = Field(
+        True, description="Probe every provider of the gateway as a component automatically."
+    )
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+
+
+class RetentionSettings(_Section):
+    days: int = Field(30, ge=1, description="Raw traces and spans older than this are deleted.")
+    rollup_days: int = Field(400, ge=1, description="Rollups older than this are deleted.")
+    interval_s: float = Field(3600.0, gt=0, description="How often retention runs.")
+    batch_size: int = Field(
+        5000, ge=100, description="Rows deleted per transaction (keeps locks short)."
+    )
+
+
+ComponentKind = Literal["http", "tcp", "openai", "qdrant", "chroma", "pgvector", "redis"]
+
+
+class ComponentSettings(_Section):
+    """Something the application depends on, and how to check that it answers."""
+
+    name: str = Field(min_length=1, max_length=200, description="Shown in the API and metrics.")
+    kind: ComponentKind = Field(description="Probe type.")
+    url: str | None = Field(
+        None,
+        description="http/qdrant/chroma/openai: base URL; redis: redis://…; "
+        "pgvector: postgresql://…",
+    )
+    host: str | None = Field(None, description="tcp: host.")
+    port: int | None = Field(None, ge=1, le=65535, description="tcp: port.")
+    expected_status: int = Field(200, ge=100, le=599, description="http: expected status.")
+    timeout_s: float | None = Field(None, gt=0, description="Probe timeout (seconds).")
+    interval_s: float | None = Field(None, gt=0, description="Probe interval (seconds).")
+    api_key_env: str | None = Field(
+        None, description="Environment variable with a key sent by openai/qdrant probes."
+    )
+    model: str | None = Field(None, description="openai: model for the tiny probe request.")
+    collection: str | None = Field(
+        None, description="qdrant/chroma: a collection that must exist; pgvector: a table."
+    )
+
+    @model_validator(mode="after")
+    def _needs(self) -> ComponentSettings:
+        if self.kind == "tcp":
+            if not self.host or not self.port:
+                raise ValueError("a tcp component needs host and port")
+        elif not self.url:
+            raise ValueError(f"a {self.kind} component needs url")
+        return self
+
+
 ProviderKind = Literal["openai", "anthropic", "local"]
 
 
@@ -171,6 +230,11 @@ class Settings(_Section):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     recorder: RecorderSettings = Field(default_factory=RecorderSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    components: list[ComponentSettings] = Field(
+        default_factory=list, description="What the application depends on, with a probe each."
+    )
     providers: dict[str, ProviderSettings] = Field(
         default_factory=dict, description="Upstream LLM servers, by name."
     )
@@ -200,6 +264,10 @@ class Settings(_Section):
                 raise ValueError(
                     f"providers.{name}: the name 'local' is reserved for the embedded model"
                 )
+        names = [c.name for c in self.components]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"components: duplicate name(s) {', '.join(dupes)}")
         known = set(self.providers) | reserved
         for alias, spec in self.models.items():
             for i, dep in enumerate(spec.deployments):
@@ -322,8 +390,16 @@ def reference_rows() -> list[tuple[str, str, str, str, str]]:
                         sf.description or "",
                     )
                 )
-        elif name in ("providers", "models"):
-            rows.append((name, "(yaml only)", "mapping", "{}", field.description or ""))
+        elif name in ("providers", "models", "components"):
+            rows.append(
+                (
+                    name,
+                    "(yaml only)",
+                    "mapping" if name != "components" else "list",
+                    "{}" if name != "components" else "[]",
+                    field.description or "",
+                )
+            )
         else:
             rows.append(
                 (
@@ -348,6 +424,16 @@ def reference_rows() -> list[tuple[str, str, str, str, str]]:
         rows.append(
             (
                 f"models.ALIAS.deployments[].{sub}",
+                "(yaml only)",
+                typename(sf.annotation),
+                "required" if sf.is_required() else repr(sf.default),
+                sf.description or "",
+            )
+        )
+    for sub, sf in ComponentSettings.model_fields.items():
+        rows.append(
+            (
+                f"components[].{sub}",
                 "(yaml only)",
                 typename(sf.annotation),
                 "required" if sf.is_required() else repr(sf.default),

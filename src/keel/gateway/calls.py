@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +16,18 @@ from keel.errors import InvalidRequest, KeelError
 from keel.tracing.model import TraceRecord
 
 _MAX_ATTR = 200
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def parse_traceparent(header: str | None) -> tuple[str, str] | None:
+    """W3C ``traceparent`` → (trace id, parent span id); None when absent or invalid
+    (the spec says an invalid header is ignored, not rejected)."""
+    if not header:
+        return None
+    m = _TRACEPARENT.match(header.strip().lower())
+    if not m or m.group(1) == "ff" or set(m.group(2)) == {"0"} or set(m.group(3)) == {"0"}:
+        return None
+    return m.group(2), m.group(3)
 
 
 def _clip(v: Any) -> str | None:
@@ -151,6 +165,16 @@ class Call:
     started_at_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     t0: float = field(default_factory=time.perf_counter)
     ttft_ms: float | None = None
+    otel_trace_id: str | None = None
+    otel_parent_span_id: str | None = None
+    otel_span_id: str | None = None
+
+    def join_trace(self, traceparent: str | None) -> None:
+        """Make this call a span of the caller's OpenTelemetry trace, if it sent one."""
+        parsed = parse_traceparent(traceparent)
+        if parsed is not None:
+            self.otel_trace_id, self.otel_parent_span_id = parsed
+            self.otel_span_id = os.urandom(8).hex()
 
     def mark_first_token(self) -> None:
         if self.ttft_ms is None:
@@ -222,4 +246,7 @@ def make_trace(
         "client_addr": call.client_addr,
         "request_body": request_body,
         "response_body": response_body,
+        "otel_trace_id": call.otel_trace_id,
+        "otel_span_id": call.otel_span_id,
+        "otel_parent_span_id": call.otel_parent_span_id,
     }

@@ -29,6 +29,7 @@ from keel.gateway.calls import (
     messages_text,
 )
 from keel.gateway.router import Router
+from keel.monitoring.metrics import GatewayMetrics
 from keel.store.recorder import Recorder
 
 log = logging.getLogger("keel.gateway")
@@ -112,8 +113,12 @@ class Gateway:
         recorder: Recorder,
         gateway: GatewaySettings,
         recording: RecorderSettings,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.router = router
+        registry = metrics.inflight if metrics is not None else None
+        self._inflight_chat = registry.labels("chat") if registry is not None else None
+        self._inflight_embed = registry.labels("embeddings") if registry is not None else None
         self.recorder = recorder
         self.max_body = gateway.max_body_bytes
         self.capture = recording.capture_bodies
@@ -160,7 +165,22 @@ class Gateway:
     # -- routes -------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
+        gauge = self._inflight_chat
+        if gauge is None:
+            return await self._chat(request, None)
+        gauge.inc()
+        streaming = False
+        try:
+            resp = await self._chat(request, gauge)
+            streaming = isinstance(resp, StreamingResponse)
+            return resp
+        finally:
+            if not streaming:  # a stream decrements when its relay ends
+                gauge.dec()
+
+    async def _chat(self, request: Request, gauge: Any) -> Response:
         call = Call("chat", request.client.host if request.client else None)
+        call.join_trace(request.headers.get("traceparent"))
         try:
             raw, body = await self._read_json(request)
             check_chat_body(body)
@@ -181,7 +201,7 @@ class Gateway:
             attribution=attribution,
         )
         if body.get("stream"):
-            return await self._stream(call, dep.provider, upstream, raw, common)
+            return await self._stream(call, dep.provider, upstream, raw, common, gauge)
         try:
             resp = await dep.provider.chat(upstream)
         except KeelError as e:
@@ -228,6 +248,7 @@ class Gateway:
         upstream: dict[str, Any],
         raw: bytes,
         common: dict[str, Any],
+        gauge: Any = None,
     ) -> Response:
         client_opts = upstream.get("stream_options") or {}
         client_wants_usage = bool(client_opts.get("include_usage"))
@@ -255,7 +276,7 @@ class Gateway:
             )
             return error_response(e, call.id)
         return StreamingResponse(
-            self._relay(call, agen, first, raw, common, client_wants_usage),
+            self._relay(call, agen, first, raw, common, client_wants_usage, gauge),
             media_type="text/event-stream",
             headers={TRACE_HEADER: call.id, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )
@@ -268,6 +289,7 @@ class Gateway:
         raw: bytes,
         common: dict[str, Any],
         client_wants_usage: bool,
+        gauge: Any = None,
     ) -> AsyncIterator[bytes]:
         content: list[str] = []
         tool_calls: dict[int, dict[str, Any]] = {}
@@ -318,6 +340,8 @@ class Gateway:
             )
             raise
         finally:
+            if gauge is not None:
+                gauge.dec()
             await agen.aclose()
             message: dict[str, Any] = {"role": role, "content": "".join(content)}
             if tool_calls:
@@ -348,7 +372,18 @@ class Gateway:
             )
 
     async def embeddings(self, request: Request) -> Response:
+        gauge = self._inflight_embed
+        if gauge is not None:
+            gauge.inc()
+        try:
+            return await self._embeddings(request)
+        finally:
+            if gauge is not None:
+                gauge.dec()
+
+    async def _embeddings(self, request: Request) -> Response:
         call = Call("embeddings", request.client.host if request.client else None)
+        call.join_trace(request.headers.get("traceparent"))
         try:
             raw, body = await self._read_json(request)
             check_embeddings_body(body)

@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,9 @@ class Recorder:
         self._spill_file: Any = None
         self._spill_path: Path | None = None
         self._last_replay = 0.0
+        #: Called from the writer thread with each drained batch, before the write
+        #: (so they see every call even while the store is down). Must be fast.
+        self.observers: list[Callable[[list[TraceRecord]], None]] = []
 
     # -- request path -------------------------------------------------------
 
@@ -151,6 +154,11 @@ class Recorder:
             try:
                 while self._buf:
                     batch = self._drain(self.batch_size)
+                    for obs in self.observers:
+                        try:
+                            obs(batch)
+                        except Exception:
+                            log.exception("recorder observer failed")
                     self._write_or_spill(batch)
                 now = time.monotonic()
                 if now - self._last_replay >= self.replay_interval_s and self._has_spill():

@@ -54,10 +54,12 @@ traces = Table(
     Column("api_key_id", String(64)),
     Column("otel_trace_id", String(32)),
     Column("otel_span_id", String(16)),
+    Column("otel_parent_span_id", String(16)),
     Index("ix_traces_started", "started_at_ms"),
     Index("ix_traces_model_started", "model", "started_at_ms"),
     Index("ix_traces_user_started", "user_id", "started_at_ms"),
     Index("ix_traces_feature_started", "feature", "started_at_ms"),
+    Index("ix_traces_otel_trace", "otel_trace_id"),
 )
 
 # Latency histograms use fixed log-spaced buckets, so rollups from any number of
@@ -94,6 +96,24 @@ ROLLUP_SUMS = (
     "cost_usd",
 )
 
+
+def _sum_columns() -> list[Column]:
+    return [
+        Column("requests", BigInteger, nullable=False, default=0),
+        Column("errors", BigInteger, nullable=False, default=0),
+        Column("streams", BigInteger, nullable=False, default=0),
+        Column("prompt_tokens", BigInteger, nullable=False, default=0),
+        Column("completion_tokens", BigInteger, nullable=False, default=0),
+        Column("total_tokens", BigInteger, nullable=False, default=0),
+        Column("latency_sum_ms", Float, nullable=False, default=0.0),
+        Column("ttft_count", BigInteger, nullable=False, default=0),
+        Column("ttft_sum_ms", Float, nullable=False, default=0.0),
+        Column("cost_usd", Float, nullable=False, default=0.0),
+        *(Column(c, BigInteger, nullable=False, default=0) for c in LAT_COLS),
+        *(Column(c, BigInteger, nullable=False, default=0) for c in TTFT_COLS),
+    ]
+
+
 rollups_minute = Table(
     "rollups_minute",
     metadata,
@@ -102,17 +122,96 @@ rollups_minute = Table(
     Column("provider", String(100), primary_key=True),
     Column("endpoint", String(32), primary_key=True),
     Column("status", String(16), primary_key=True),
-    Column("requests", BigInteger, nullable=False, default=0),
-    Column("errors", BigInteger, nullable=False, default=0),
-    Column("streams", BigInteger, nullable=False, default=0),
-    Column("prompt_tokens", BigInteger, nullable=False, default=0),
-    Column("completion_tokens", BigInteger, nullable=False, default=0),
-    Column("total_tokens", BigInteger, nullable=False, default=0),
-    Column("latency_sum_ms", Float, nullable=False, default=0.0),
-    Column("ttft_count", BigInteger, nullable=False, default=0),
-    Column("ttft_sum_ms", Float, nullable=False, default=0.0),
-    Column("cost_usd", Float, nullable=False, default=0.0),
-    *(Column(c, BigInteger, nullable=False, default=0) for c in LAT_COLS),
-    *(Column(c, BigInteger, nullable=False, default=0) for c in TTFT_COLS),
+    *_sum_columns(),
     Index("ix_rollups_minute", "minute_ms"),
+)
+
+# The same sums per hour: summaries over days read 60x fewer rows.
+rollups_hour = Table(
+    "rollups_hour",
+    metadata,
+    Column("minute_ms", BigInteger, primary_key=True),  # start of the hour
+    Column("model", String(200), primary_key=True),
+    Column("provider", String(100), primary_key=True),
+    Column("endpoint", String(32), primary_key=True),
+    Column("status", String(16), primary_key=True),
+    *_sum_columns(),
+    Index("ix_rollups_hour", "minute_ms"),
+)
+
+# Per-minute sums by one attribution dimension ("feature" or "user"), for
+# summaries grouped by them; kept apart so the main rollups stay small.
+rollups_dim_minute = Table(
+    "rollups_dim_minute",
+    metadata,
+    Column("minute_ms", BigInteger, primary_key=True),
+    Column("dimension", String(16), primary_key=True),
+    Column("value", String(200), primary_key=True),
+    Column("status", String(16), primary_key=True),
+    *_sum_columns(),
+    Index("ix_rollups_dim_minute", "dimension", "minute_ms"),
+)
+
+# Spans sent by applications over OTLP (and the SDK). Times in microseconds.
+spans = Table(
+    "spans",
+    metadata,
+    Column("trace_id", String(32), primary_key=True),
+    Column("span_id", String(16), primary_key=True),
+    Column("parent_span_id", String(16)),
+    Column("name", String(300), nullable=False),
+    Column("kind", String(32), nullable=False),  # llm, retrieval, vector-db, tool, chain, …
+    Column("service", String(200)),
+    Column("start_us", BigInteger, nullable=False),
+    Column("end_us", BigInteger, nullable=False),
+    Column("duration_ms", Float, nullable=False),
+    Column("status", String(16), nullable=False),  # ok | error | unset
+    Column("status_message", Text),
+    Column("model", String(200)),
+    Column("prompt_tokens", Integer),
+    Column("completion_tokens", Integer),
+    Column("input", Text),
+    Column("output", Text),
+    Column("result_count", Integer),
+    Column("top_score", Float),
+    Column("attributes", Text),  # JSON: every attribute, known ones included
+    Column("events", Text),  # JSON list
+    Index("ix_spans_start", "start_us"),
+    Index("ix_spans_kind_start", "kind", "start_us"),
+)
+
+resource_samples = Table(
+    "resource_samples",
+    metadata,
+    Column("ts_ms", BigInteger, primary_key=True),
+    Column("instance", String(120), primary_key=True),
+    Column("process_cpu_percent", Float),
+    Column("host_cpu_percent", Float),
+    Column("process_rss_bytes", BigInteger),
+    Column("host_mem_used_bytes", BigInteger),
+    Column("host_mem_total_bytes", BigInteger),
+    Column("open_connections", Integer),
+    Column("loop_lag_ms", Float),
+    Column("gpu", Text),  # JSON list per device, null when there is no GPU
+)
+
+component_checks = Table(
+    "component_checks",
+    metadata,
+    Column("ts_ms", BigInteger, primary_key=True),
+    Column("component", String(200), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("up", Boolean, nullable=False),
+    Column("latency_ms", Float),
+    Column("error", Text),
+    Index("ix_component_checks_component_ts", "component", "ts_ms"),
+)
+
+# Leases for daemons that must run on one replica at a time.
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("holder", String(200), nullable=False),
+    Column("expires_at_ms", BigInteger, nullable=False),
 )

@@ -38,7 +38,8 @@ class TraceRecord(TypedDict, total=False):
     cost_usd: float | None
     api_key_id: str | None
     otel_trace_id: str | None
-    otel_span_id: str | None
+    otel_span_id: str | None  # the gateway call's own span
+    otel_parent_span_id: str | None  # from the caller's W3C traceparent
 
 
 TRACE_FIELDS: tuple[str, ...] = tuple(TraceRecord.__annotations__)

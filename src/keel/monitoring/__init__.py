@@ -1,0 +1,1 @@
+"""Monitoring: Prometheus metrics, the resource sampler, component probes, summaries."""
