@@ -27,14 +27,19 @@ from keel.errors import InvalidRequest, KeelError, NotFound
 from keel.gateway.providers.base import PROVIDER_KINDS, Provider
 from keel.gateway.router import Router
 from keel.gateway.routes import Gateway, error_response
+from keel.monitoring import api as metrics_api
+from keel.monitoring import components_api
 from keel.monitoring.metrics import (
     CallbackCollector,
     GatewayMetrics,
     daemon_families,
     recorder_families,
 )
+from keel.monitoring.probes import ProbeDaemon
+from keel.monitoring.sampler import ResourceSampler
 from keel.store.engine import make_engine, migrate
 from keel.store.recorder import Recorder
+from keel.store.retention import RetentionDaemon
 from keel.tracing import api as traces_api
 
 log = logging.getLogger("keel")
@@ -121,7 +126,16 @@ def create_app(
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     recorder.observers.append(metrics.observe)
-    daemons: list[Any] = []
+    daemons: list[Any] = [
+        ResourceSampler(
+            engine, registry, interval_s=settings.monitoring.sample_interval_s, recorder=recorder
+        ),
+        RetentionDaemon(engine, settings.retention),
+    ]
+    probe_daemon = ProbeDaemon(
+        engine, settings.components, providers, settings.monitoring, env, registry
+    )
+    daemons.append(probe_daemon)
     registry.register(CallbackCollector(recorder_families(recorder)))
     registry.register(CallbackCollector(daemon_families(lambda: daemons)))
     gateway = Gateway(router, recorder, settings.gateway, settings.recorder, metrics)
@@ -184,6 +198,8 @@ def create_app(
 
     app.include_router(gateway.api_router())
     app.include_router(traces_api.make_router(engine))
+    app.include_router(metrics_api.make_router(engine))
+    app.include_router(components_api.make_router(engine, probe_daemon))
 
     @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:

@@ -250,6 +250,49 @@ def traces_show(trace_id: str, url: str) -> None:
     click.echo(orjson.dumps(t, option=orjson.OPT_INDENT_2).decode())
 
 
+@cli.command()
+@url_option
+@click.option("--window", default="1h", show_default=True, help="5m, 15m, 1h, 6h, 24h, 7d or 30d.")
+@click.option(
+    "--group-by",
+    default="model",
+    show_default=True,
+    type=click.Choice(["model", "provider", "endpoint", "feature", "user", "none"]),
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(url: str, window: str, group_by: str, as_json: bool) -> None:
+    """Traffic, errors, latency and TTFT percentiles and tokens, from the rollups."""
+    s = _api(url, "/api/metrics/summary", {"window": window, "group_by": group_by})
+    if as_json:
+        click.echo(orjson.dumps(s, option=orjson.OPT_INDENT_2).decode())
+        return
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}"
+
+    fmt = "{:<20} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>10}"
+    click.echo(f"last {window}, by {group_by}")
+    click.echo(
+        fmt.format(
+            group_by.upper(), "REQS", "ERR%", "RPS", "P50ms", "P95ms", "P99ms", "TTFT p50", "TOKENS"
+        )
+    )
+    for d in [*s["data"], {**s["total"], "group": "TOTAL"}]:
+        click.echo(
+            fmt.format(
+                str(d["group"])[:20],
+                d["requests"],
+                f"{d['error_rate'] * 100:.1f}",
+                f"{d['rps']:.2f}",
+                ms(d["latency_p50_ms"]),
+                ms(d["latency_p95_ms"]),
+                ms(d["latency_p99_ms"]),
+                ms(d["ttft_p50_ms"]),
+                d["total_tokens"],
+            )
+        )
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from keel._ids import new_id
-from keel.store.rollups import rollup_rows, upsert_rollups
+from keel.store.rollups import write_rollups
 from keel.store.tables import traces
 from keel.tracing.model import TRACE_FIELDS, TraceRecord
 
@@ -230,7 +230,7 @@ class Recorder:
 
     def _insert(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         conn.execute(traces.insert(), rows)
-        upsert_rollups(conn, rollup_rows(rows))
+        write_rollups(conn, rows)
 
     def _insert_new_only(self, conn: Connection, rows: list[dict[str, Any]]) -> list[dict]:
         ids = [r["id"] for r in rows]

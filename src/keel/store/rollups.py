@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -21,62 +22,120 @@ from keel.store.tables import (
     ROLLUP_SUMS,
     TTFT_COLS,
     bucket_index,
+    rollups_dim_minute,
+    rollups_hour,
     rollups_minute,
 )
 
 _ADDITIVE = ROLLUP_SUMS + LAT_COLS + TTFT_COLS
 
 
+DIM_KEYS = ("minute_ms", "dimension", "value", "status")
+# Attribution fields that get their own rollups (group_by=feature|user).
+DIMENSIONS = (("feature", "feature"), ("user", "user_id"))
+
+
+def _new_acc(keys: tuple[str, ...], key: tuple) -> dict[str, Any]:
+    a: dict[str, Any] = dict.fromkeys(_ADDITIVE, 0)
+    a.update(zip(keys, key, strict=True))
+    a["latency_sum_ms"] = 0.0
+    a["ttft_sum_ms"] = 0.0
+    a["cost_usd"] = 0.0
+    return a
+
+
+def _add(a: dict[str, Any], r: dict[str, Any], lat_col: str, ttft_col: str | None) -> None:
+    a["requests"] += 1
+    if r["status"] != "ok":
+        a["errors"] += 1
+    if r.get("stream"):
+        a["streams"] += 1
+    a["prompt_tokens"] += r.get("prompt_tokens") or 0
+    a["completion_tokens"] += r.get("completion_tokens") or 0
+    a["total_tokens"] += r.get("total_tokens") or 0
+    a["cost_usd"] += r.get("cost_usd") or 0.0
+    a["latency_sum_ms"] += r["duration_ms"]
+    a[lat_col] += 1
+    if ttft_col is not None:
+        a["ttft_count"] += 1
+        a["ttft_sum_ms"] += r["ttft_ms"]
+        a[ttft_col] += 1
+
+
 def rollup_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Aggregate trace rows into one rollup row per (minute, model, provider, endpoint, status)."""
-    acc: dict[tuple, dict[str, Any]] = {}
+    return rollup_all(rows)[0]
+
+
+def rollup_all(
+    rows: Iterable[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-minute, per-hour and per-dimension rollup rows of a batch of traces."""
+    minute: dict[tuple, dict[str, Any]] = {}
+    hour: dict[tuple, dict[str, Any]] = {}
+    dims: dict[tuple, dict[str, Any]] = {}
     for r in rows:
-        key = (
-            r["started_at_ms"] // 60_000 * 60_000,
-            r["model"],
-            r.get("provider") or "",
-            r["endpoint"],
-            r["status"],
-        )
-        a = acc.get(key)
-        if a is None:
-            a = dict.fromkeys(_ADDITIVE, 0)
-            a.update(zip(ROLLUP_KEYS, key, strict=True))
-            a["latency_sum_ms"] = 0.0
-            a["ttft_sum_ms"] = 0.0
-            a["cost_usd"] = 0.0
-            acc[key] = a
-        a["requests"] += 1
-        if r["status"] != "ok":
-            a["errors"] += 1
-        if r.get("stream"):
-            a["streams"] += 1
-        a["prompt_tokens"] += r.get("prompt_tokens") or 0
-        a["completion_tokens"] += r.get("completion_tokens") or 0
-        a["total_tokens"] += r.get("total_tokens") or 0
-        a["cost_usd"] += r.get("cost_usd") or 0.0
-        d = r["duration_ms"]
-        a["latency_sum_ms"] += d
-        a[LAT_COLS[bucket_index(d)]] += 1
+        m = r["started_at_ms"] // 60_000 * 60_000
+        provider = r.get("provider") or ""
+        status = r["status"]
+        lat_col = LAT_COLS[bucket_index(r["duration_ms"])]
         t = r.get("ttft_ms")
-        if t is not None:
-            a["ttft_count"] += 1
-            a["ttft_sum_ms"] += t
-            a[TTFT_COLS[bucket_index(t)]] += 1
-    return list(acc.values())
+        ttft_col = TTFT_COLS[bucket_index(t)] if t is not None else None
+        key = (m, r["model"], provider, r["endpoint"], status)
+        a = minute.get(key)
+        if a is None:
+            a = minute[key] = _new_acc(ROLLUP_KEYS, key)
+        _add(a, r, lat_col, ttft_col)
+        hkey = (m // 3_600_000 * 3_600_000, *key[1:])
+        a = hour.get(hkey)
+        if a is None:
+            a = hour[hkey] = _new_acc(ROLLUP_KEYS, hkey)
+        _add(a, r, lat_col, ttft_col)
+        for dim, field in DIMENSIONS:
+            v = r.get(field)
+            if v:
+                dkey = (m, dim, v, status)
+                a = dims.get(dkey)
+                if a is None:
+                    a = dims[dkey] = _new_acc(DIM_KEYS, dkey)
+                _add(a, r, lat_col, ttft_col)
+    return list(minute.values()), list(hour.values()), list(dims.values())
+
+
+def _upsert(
+    conn: Connection, table: Table, keys: tuple[str, ...], rows: list[dict[str, Any]]
+) -> None:
+    if not rows:
+        return
+    ins_mod = postgresql if conn.dialect.name == "postgresql" else sqlite
+    stmt = ins_mod.insert(table)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=list(keys),
+        set_={c: table.c[c] + stmt.excluded[c] for c in _ADDITIVE},
+    )
+    conn.execute(stmt, rows)
 
 
 def upsert_rollups(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    dialect = conn.dialect.name
-    ins_mod = postgresql if dialect == "postgresql" else sqlite
-    stmt = ins_mod.insert(rollups_minute)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=list(ROLLUP_KEYS),
-        set_={c: rollups_minute.c[c] + stmt.excluded[c] for c in _ADDITIVE},
-    )
-    conn.execute(stmt, rows)
+    _upsert(conn, rollups_minute, ROLLUP_KEYS, rows)
+
+
+def write_rollups(conn: Connection, trace_rows: list[dict[str, Any]]) -> None:
+    """Add a batch of traces to every rollup table (same transaction as the traces)."""
+    minute, hour, dims = rollup_all(trace_rows)
+    # Sorted keys: two writers upserting the same rows lock them in the same
+    # order, so PostgreSQL cannot deadlock between replicas.
+    _upsert(conn, rollups_minute, ROLLUP_KEYS, sorted(minute, key=_rkey))
+    _upsert(conn, rollups_hour, ROLLUP_KEYS, sorted(hour, key=_rkey))
+    _upsert(conn, rollups_dim_minute, DIM_KEYS, sorted(dims, key=_dkey))
+
+
+def _rkey(a: dict[str, Any]) -> tuple:
+    return tuple(a[k] for k in ROLLUP_KEYS)
+
+
+def _dkey(a: dict[str, Any]) -> tuple:
+    return tuple(a[k] for k in DIM_KEYS)
 
 
 def percentile(buckets: Sequence[int], q: float) -> float | None:
@@ -102,4 +161,4 @@ def percentile(buckets: Sequence[int], q: float) -> float | None:
     return BUCKET_BOUNDS_MS[-1]
 
 
-__all__ = ["N_BUCKETS", "percentile", "rollup_rows", "upsert_rollups"]
+__all__ = ["N_BUCKETS", "percentile", "rollup_all", "rollup_rows", "write_rollups"]

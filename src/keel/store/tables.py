@@ -193,6 +193,9 @@ resource_samples = Table(
     Column("open_connections", Integer),
     Column("loop_lag_ms", Float),
     Column("gpu", Text),  # JSON list per device, null when there is no GPU
+    Column("recorder_queue_depth", Integer),
+    Column("recorder_spilled", BigInteger),  # cumulative since the process started
+    Column("recorder_dropped", BigInteger),
 )
 
 component_checks = Table(

@@ -101,6 +101,9 @@ def upgrade() -> None:
         sa.Column("open_connections", sa.Integer),
         sa.Column("loop_lag_ms", sa.Float),
         sa.Column("gpu", sa.Text),
+        sa.Column("recorder_queue_depth", sa.Integer),
+        sa.Column("recorder_spilled", sa.BigInteger),
+        sa.Column("recorder_dropped", sa.BigInteger),
     )
     op.create_table(
         "component_checks",
