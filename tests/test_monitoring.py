@@ -301,7 +301,9 @@ def test_failing_daemon_keeps_running_and_only_one_leader(tmp_path):
         d2._lease.holder = "other-replica"
         d1.start()
         d2.start()
-        await asyncio.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while d1.stats.ticks + d2.stats.ticks < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         await d1.stop()
         await d2.stop()
         return d1, d2
