@@ -302,7 +302,7 @@ def test_failing_daemon_keeps_running_and_only_one_leader(tmp_path):
         d1.start()
         d2.start()
         deadline = time.monotonic() + 10
-        while d1.stats.ticks + d2.stats.ticks < 3 and time.monotonic() < deadline:
+        while d1.stats.ticks + d2.stats.ticks < 3 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         await d1.stop()
         await d2.stop()

@@ -22,6 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from keel._version import __version__
+from keel.alerts import api as alerts_api
+from keel.alerts.delivery import Dispatcher
+from keel.alerts.engine import AlertEngine
 from keel.config import Settings
 from keel.errors import InvalidRequest, KeelError, NotFound
 from keel.gateway.providers.base import PROVIDER_KINDS, Provider
@@ -136,6 +139,13 @@ def create_app(
         engine, settings.components, providers, settings.monitoring, env, registry
     )
     daemons.append(probe_daemon)
+    import keel.alerts.sources  # noqa: F401  (registers the signals)
+
+    alerts_api.validate_alert_config(settings.alerts)
+    base_url = settings.alerts.dashboard_url or f"http://{settings.host}:{settings.port}"
+    dispatcher = Dispatcher.from_settings(engine, settings.alerts, env, dashboard_url=base_url)
+    alert_engine = AlertEngine(engine, settings.alerts, dispatcher, base_url)
+    daemons.append(alert_engine)
     registry.register(CallbackCollector(recorder_families(recorder)))
     registry.register(CallbackCollector(daemon_families(lambda: daemons)))
     gateway = Gateway(router, recorder, settings.gateway, settings.recorder, metrics)
@@ -200,6 +210,7 @@ def create_app(
     app.include_router(traces_api.make_router(engine))
     app.include_router(metrics_api.make_router(engine))
     app.include_router(components_api.make_router(engine, probe_daemon))
+    app.include_router(alerts_api.make_router(engine, settings.alerts, dispatcher))
 
     @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:

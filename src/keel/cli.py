@@ -104,6 +104,12 @@ def config() -> None:
 def config_check(path: str | None) -> None:
     """Validate the whole configuration; exit 1 listing every bad entry."""
     s = _settings(path)
+    from keel.alerts.api import validate_alert_config
+
+    try:
+        validate_alert_config(s.alerts, path or "keel.yaml")
+    except KeelError as e:
+        _fail(str(e))
     warnings = []
     for name, p in s.providers.items():
         if p.api_key_env and not os.environ.get(p.api_key_env):
@@ -295,6 +301,138 @@ def stats(url: str, window: str, group_by: str, as_json: bool) -> None:
                 d["total_tokens"],
             )
         )
+
+
+@cli.group()
+def alerts() -> None:
+    """Alerts: what is firing, rules, silences, test messages."""
+
+
+def _ago(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    import time as _t
+
+    secs = max(0, int(_t.time() - ms / 1000))
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= n:
+            return f"{secs // n}{unit} ago"
+    return f"{secs}s ago"
+
+
+@alerts.command("list")
+@url_option
+@click.option(
+    "--state",
+    default="active",
+    show_default=True,
+    type=click.Choice(["active", "firing", "pending", "resolved", "all"]),
+)
+@click.option("--json", "as_json", is_flag=True)
+def alerts_list(url: str, state: str, as_json: bool) -> None:
+    """Firing and pending alerts (or --state all)."""
+    data = _api(url, "/api/alerts", {"state": state})["data"]
+    if as_json:
+        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+        return
+    if not data:
+        click.echo(f"no {state} alerts")
+        return
+    fmt = "{:<9} {:<9} {:<28} {:<28} {:>12} {:>12}  {}"
+    click.echo(fmt.format("STATE", "SEVERITY", "RULE", "LABELS", "VALUE", "SINCE", ""))
+    for a in data:
+        since = a["firing_since_ms"] or a["pending_since_ms"] or a["resolved_at_ms"]
+        labels = ",".join(f"{k}={v}" for k, v in a["labels"].items()) or "-"
+        value = "-" if a["value"] is None else f"{a['value']:.4g}"
+        click.echo(
+            fmt.format(
+                a["state"],
+                a["severity"] or "-",
+                a["rule"][:28],
+                labels[:28],
+                value,
+                _ago(since),
+                "(silenced)" if a["silenced"] else "",
+            )
+        )
+
+
+@alerts.command("rules")
+@url_option
+def alerts_rules(url: str) -> None:
+    """The rules Keel evaluates (from keel.yaml and the API)."""
+    for r in _api(url, "/api/alerts/rules")["data"]:
+        spec = r["spec"]
+        c = spec["condition"]
+        click.echo(
+            f"{r['name']:<28} [{r['source']}] {spec['signal']} {c['mode']} {c['op']} "
+            f"{c['threshold']} over {spec['window']:.0f}s for {spec['for']:.0f}s "
+            f"→ {', '.join(spec['channels']) or '(no channel)'}"
+        )
+
+
+@alerts.command("silence")
+@click.argument("rule", required=False)
+@url_option
+@click.option("--for", "duration", default="1h", show_default=True, help="30m, 2h, 1d…")
+@click.option("--label", "labels", multiple=True, help="k=v; repeatable.")
+@click.option("--comment", default=None)
+def alerts_silence(
+    rule: str | None, url: str, duration: str, labels: tuple[str, ...], comment: str | None
+) -> None:
+    """Mute RULE (or any rule matching --label) for a while."""
+    matchers = {}
+    for lbl in labels:
+        k, sep, v = lbl.partition("=")
+        if not sep:
+            _fail(f"--label must be k=v, got {lbl!r}")
+        matchers[k] = v
+    body = {
+        "rule": rule,
+        "matchers": matchers,
+        "duration": duration,
+        "comment": comment,
+        "created_by": os.environ.get("USER"),
+    }
+    try:
+        r = httpx.post(f"{url.rstrip('/')}/api/alerts/silences", json=body, timeout=30)
+    except httpx.HTTPError as e:
+        _fail(f"cannot reach Keel at {url} ({type(e).__name__}); is `keel up` running?")
+    if r.status_code >= 400:
+        _fail(r.json().get("error", {}).get("message", f"HTTP {r.status_code}"))
+    s = r.json()
+    click.echo(
+        f"silence {s['id']} until "
+        f"{datetime.fromtimestamp(s['ends_at_ms'] / 1000).isoformat(timespec='minutes')}"
+    )
+
+
+@alerts.command("test")
+@click.argument("channel")
+@url_option
+def alerts_test(channel: str, url: str) -> None:
+    """Send a test message to CHANNEL and say whether it arrived."""
+    try:
+        r = httpx.post(f"{url.rstrip('/')}/api/alerts/test", json={"channel": channel}, timeout=120)
+    except httpx.HTTPError as e:
+        _fail(f"cannot reach Keel at {url} ({type(e).__name__}); is `keel up` running?")
+    body = r.json()
+    if r.status_code >= 400:
+        _fail(body.get("error", {}).get("message", f"HTTP {r.status_code}"))
+    if body.get("status") != "sent":
+        _fail(
+            f"test message to {channel} failed after {body.get('attempts')} attempt(s): "
+            f"{body.get('error')}"
+        )
+    click.echo(f"test message sent to {channel} ({body.get('attempts')} attempt(s))")
+
+
+@alerts.command("signals")
+@url_option
+def alerts_signals(url: str) -> None:
+    """Signals that rules can watch."""
+    for s in _api(url, "/api/alerts/signals")["data"]:
+        click.echo(f"{s['name']:<26} {s['unit']:<8} [{', '.join(s['labels'])}] {s['description']}")
 
 
 def main() -> None:

@@ -117,3 +117,10 @@ class UpstreamTimeout(UpstreamError):
 class StoreUnavailable(KeelError):
     status = 503
     type = "store_unavailable"
+
+
+class Conflict(KeelError):
+    """The request contradicts the current state (a duplicate, a read-only object)."""
+
+    status = 409
+    type = "conflict_error"

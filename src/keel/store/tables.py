@@ -218,3 +218,78 @@ leases = Table(
     Column("holder", String(200), nullable=False),
     Column("expires_at_ms", BigInteger, nullable=False),
 )
+
+# -- alerts -------------------------------------------------------------------
+
+# Rules created through the API (rules from keel.yaml live in the config).
+alert_rules = Table(
+    "alert_rules",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("spec", Text, nullable=False),  # JSON of RuleSettings
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("updated_at_ms", BigInteger, nullable=False),
+)
+
+# One row per rule and label set: the state machine, persisted so a restart
+# neither loses a firing alert nor sends it again.
+alert_states = Table(
+    "alert_states",
+    metadata,
+    Column("rule", String(200), primary_key=True),
+    Column("labels_key", String(500), primary_key=True),  # canonical "k=v,k2=v2"
+    Column("labels", Text, nullable=False),  # JSON object
+    Column("state", String(16), nullable=False),  # ok | pending | firing | resolved
+    Column("value", Float),
+    Column("threshold", Float),
+    Column("pending_since_ms", BigInteger),
+    Column("firing_since_ms", BigInteger),
+    Column("resolved_at_ms", BigInteger),
+    Column("last_eval_ms", BigInteger),
+    Column("last_notified_ms", BigInteger),
+    Column("severity", String(16)),
+)
+
+# Append-only history of state changes and notifications.
+alert_events = Table(
+    "alert_events",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("rule", String(200), nullable=False),
+    Column("labels_key", String(500), nullable=False),
+    Column("labels", Text, nullable=False),
+    Column("kind", String(16), nullable=False),  # pending|firing|resolved|renotify|silenced
+    Column("value", Float),
+    Column("threshold", Float),
+    Column("severity", String(16)),
+    Column("message", Text),
+    Index("ix_alert_events_rule_ts", "rule", "ts_ms"),
+    Index("ix_alert_events_ts", "ts_ms"),
+)
+
+alert_silences = Table(
+    "alert_silences",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("rule", String(200)),  # null: any rule
+    Column("matchers", Text, nullable=False),  # JSON object of label=value
+    Column("starts_at_ms", BigInteger, nullable=False),
+    Column("ends_at_ms", BigInteger, nullable=False),
+    Column("created_by", String(200)),
+    Column("comment", Text),
+)
+
+alert_deliveries = Table(
+    "alert_deliveries",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("channel", String(200), nullable=False),
+    Column("kind", String(16), nullable=False),  # channel kind
+    Column("status", String(16), nullable=False),  # sent | failed
+    Column("attempts", Integer, nullable=False),
+    Column("error", Text),
+    Column("alerts", Text, nullable=False),  # JSON list of {rule, labels, kind}
+    Index("ix_alert_deliveries_ts", "ts_ms"),
+)

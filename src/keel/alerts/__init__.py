@@ -1,0 +1,1 @@
+"""Alerts: rules over signals, a persisted state machine, notifications."""
