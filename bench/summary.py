@@ -21,11 +21,10 @@ from pathlib import Path
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import table  # noqa: E402
-
-from keel.monitoring import summary as sm  # noqa: E402
-from keel.store.engine import make_engine, migrate  # noqa: E402
-from keel.store.rollups import write_rollups  # noqa: E402
+from _harness import table
+from keel.monitoring import summary as sm
+from keel.store.engine import make_engine, migrate
+from keel.store.rollups import write_rollups
 
 
 def fill(engine: sa.Engine, models: int, days: int, now: int) -> int:

@@ -380,8 +380,7 @@ def test_bad_rules_are_rejected_at_start_and_by_config_check(fake, tmp_path):
 
 @pytest.mark.slow
 def test_long_firing_alert_is_renotified(keel_factory, receiver):
-    keel = keel_factory(**alerting(receiver, {**ERROR_RULE, "for": 0},
-                                   renotify_interval_s=0.6))
+    keel = keel_factory(**alerting(receiver, {**ERROR_RULE, "for": 0}, renotify_interval_s=0.6))
     chat(keel, "[[fake: error=500]]")
     keel.flush()
     receiver.wait_for("firing")

@@ -1,9 +1,43 @@
 """Keel: a self-hosted LLMOps platform.
 
-The public Python surface is kept small and listed in ``__all__``.
+The public Python surface is kept small and listed in ``__all__``. The SDK
+(``init``, ``observe``, ``span``, …; see :mod:`keel.sdk`) is imported on first
+use, so ``import keel`` stays fast.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from keel._version import __version__
 from keel.config import Settings, load_settings
 
-__all__ = ["Settings", "__version__", "load_settings"]
+if TYPE_CHECKING:
+    from keel.sdk import flush, init, inject_traceparent, observe, shutdown, span, trace_headers
+
+_SDK_NAMES = frozenset(
+    {"flush", "init", "inject_traceparent", "observe", "shutdown", "span", "trace_headers"}
+)
+
+__all__ = [
+    "Settings",
+    "__version__",
+    "flush",
+    "init",
+    "inject_traceparent",
+    "load_settings",
+    "observe",
+    "shutdown",
+    "span",
+    "trace_headers",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SDK_NAMES:
+        from keel import sdk
+
+        value = getattr(sdk, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'keel' has no attribute {name!r}")

@@ -44,6 +44,7 @@ from keel.store.engine import make_engine, migrate
 from keel.store.recorder import Recorder
 from keel.store.retention import RetentionDaemon
 from keel.tracing import api as traces_api
+from keel.tracing import otlp
 
 log = logging.getLogger("keel")
 
@@ -208,6 +209,7 @@ def create_app(
 
     app.include_router(gateway.api_router())
     app.include_router(traces_api.make_router(engine))
+    app.include_router(otlp.make_router(engine, registry, settings.gateway.max_body_bytes))
     app.include_router(metrics_api.make_router(engine))
     app.include_router(components_api.make_router(engine, probe_daemon))
     app.include_router(alerts_api.make_router(engine, settings.alerts, dispatcher))

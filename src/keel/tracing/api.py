@@ -50,6 +50,11 @@ class TraceSummary(BaseModel):
 class TraceDetail(TraceSummary):
     request: Any = Field(None, description="The request body as received (JSON).")
     response: Any = Field(None, description="The response body (streams: the assembled message).")
+    tree: dict[str, Any] | None = Field(
+        None,
+        description="When the call was part of an application's OpenTelemetry trace: the "
+        "whole trace (gateway calls and application spans), nested and as a waterfall.",
+    )
 
 
 class TracePage(BaseModel):
@@ -196,6 +201,10 @@ def get_trace(engine: Engine, trace_id: str) -> dict[str, Any]:
     out = _row_to_summary(row)
     out["request"] = _load_json(row.request_body)
     out["response"] = _load_json(row.response_body)
+    if row.otel_trace_id:
+        from keel.tracing.tree import trace_tree
+
+        out["tree"] = trace_tree(engine, trace_id)
     return out
 
 
