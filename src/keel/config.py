@@ -341,6 +341,9 @@ class DeploymentSettings(_Section):
         default_factory=dict, description="Defaults merged into each request (caller wins)."
     )
     weight: float = Field(1.0, gt=0, description="Share of traffic among the alias' deployments.")
+    timeout_s: float | None = Field(
+        None, gt=0, description="Read timeout for this deployment (default: its provider's)."
+    )
 
 
 def _shorthand_deployment(v: Any) -> Any:
@@ -353,9 +356,121 @@ def _shorthand_deployment(v: Any) -> Any:
     return v
 
 
+class CircuitBreakerSettings(_Section):
+    failures: int = Field(5, ge=1, description="Consecutive failures that open the circuit.")
+    cooldown_s: float = Field(30.0, gt=0, description="How long an open circuit stays open.")
+
+
 class ModelAliasSettings(_Section):
     deployments: list[DeploymentSettings] = Field(min_length=1)
     kind: Literal["chat", "embedding"] = Field("chat", description="What the alias serves.")
+    strategy: Literal["weighted", "least-busy", "fallback"] = Field(
+        "weighted",
+        description="weighted: random by weight; least-busy: fewest calls in flight; "
+        "fallback: the first healthy deployment, in order.",
+    )
+    retries: int = Field(
+        1,
+        ge=0,
+        le=10,
+        description="Extra tries on a retryable failure (connect error, timeout, 429, 5xx), "
+        "each on the next deployment when there is one.",
+    )
+    retry_backoff_s: float = Field(0.2, ge=0, description="First retry delay; doubles.")
+    circuit_breaker: CircuitBreakerSettings = Field(default_factory=CircuitBreakerSettings)
+    rpm: int | None = Field(
+        None, ge=1, description="Requests per minute for this model (all keys)."
+    )
+    tpm: int | None = Field(None, ge=1, description="Tokens per minute for this model (all keys).")
+    cache_ttl_s: float | None = Field(
+        None, gt=0, description="Cache exact-match responses this long (off when unset)."
+    )
+    capture: Literal["full", "redacted", "metadata-only"] | None = Field(
+        None, description="What is stored of bodies (default: redaction.default_capture)."
+    )
+
+
+class AuthSettings(_Section):
+    enabled: Literal["auto", "on", "off"] = Field(
+        "auto", description="Require virtual keys; auto: on when `host` is not a loopback address."
+    )
+    admin_key_env: str | None = Field(
+        "KEEL_ADMIN_KEY",
+        description="Environment variable holding a bootstrap admin key (optional).",
+    )
+    key_cache_s: float = Field(
+        5.0,
+        ge=0,
+        description="How long a replica trusts a verified key without Redis "
+        "(with Redis, revocations reach every replica at once).",
+    )
+
+
+class LimitsSettings(_Section):
+    redis_failure: Literal["open", "closed"] = Field(
+        "open",
+        description="Redis unreachable → open: keep serving with per-process limits; "
+        "closed: refuse calls (503).",
+    )
+
+
+class BudgetSettings(_Section):
+    name: str = Field(min_length=1, max_length=200, description="Shown in errors and alerts.")
+    scope: Literal["global", "key", "user", "feature"] = Field(description="What is counted.")
+    match: str = Field("*", description="Which key/user/feature ('*': each one separately).")
+    limit_usd: float = Field(gt=0, description="Spend allowed per period (USD).")
+    period: Literal["day", "week", "month"] = Field("month", description="Resets at UTC start.")
+    mode: Literal["hard", "soft"] = Field(
+        "hard", description="hard: refuse calls (429) once spent; soft: alert only."
+    )
+
+
+class PriceTier(_Section):
+    above_tokens: int = Field(ge=0, description="Prompts longer than this use this tier.")
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class PriceSettings(_Section):
+    provider: str = Field(description="Provider kind (openai, anthropic) or a provider name.")
+    model: str = Field(description="Upstream model name.")
+    input_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens.")
+    output_per_mtok: float = Field(0.0, ge=0, description="USD per million output tokens.")
+    cached_input_per_mtok: float | None = Field(None, ge=0, description="Cache reads.")
+    cache_write_per_mtok: float | None = Field(None, ge=0, description="Cache writes.")
+    reasoning_per_mtok: float | None = Field(
+        None, ge=0, description="Reasoning tokens (default: the output price)."
+    )
+    per_request: float = Field(0.0, ge=0, description="USD per call.")
+    gpu_hour_usd: float | None = Field(
+        None, ge=0, description="Self-hosted: USD per GPU-hour, charged by call duration."
+    )
+    batch_discount: float = Field(0.0, ge=0, le=1, description="Share off for batch calls.")
+    effective_from: str | None = Field(
+        None, description="YYYY-MM-DD: from when this price applies (older traces keep theirs)."
+    )
+    tiers: list[PriceTier] = Field(default_factory=list, description="Context-length tiers.")
+
+
+class RedactionSettings(_Section):
+    default_capture: Literal["full", "redacted", "metadata-only"] = Field(
+        "full", description="What is stored of bodies for aliases that set no `capture`."
+    )
+    patterns: dict[str, str] = Field(
+        default_factory=dict, description="Extra regexes to redact, by name (e.g. ticket ids)."
+    )
+
+    @field_validator("patterns")
+    @classmethod
+    def _compile(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name, rx in v.items():
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise ValueError(f"{name}: not a valid regular expression: {e}") from None
+        return v
 
 
 class Settings(_Section):
@@ -370,7 +485,9 @@ class Settings(_Section):
         "postgresql://… for the shared store.",
     )
     redis_url: str | None = Field(
-        None, description="Redis for shared limits and cache across replicas (later issues)."
+        None,
+        description="Redis (redis://host:6379/0) for rate limits, budgets, the response "
+        "cache and key revocations shared across replicas; in-process without it.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
@@ -381,6 +498,15 @@ class Settings(_Section):
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    redaction: RedactionSettings = Field(default_factory=RedactionSettings)
+    budgets: list[BudgetSettings] = Field(
+        default_factory=list, description="Spend limits per period (USD)."
+    )
+    prices: list[PriceSettings] = Field(
+        default_factory=list, description="Prices added to or overriding the shipped catalog."
+    )
     components: list[ComponentSettings] = Field(
         default_factory=list, description="What the application depends on, with a probe each."
     )
@@ -446,11 +572,14 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
                 key = f"{ENV_PREFIX}{name}_{sub}".upper()
                 if key in environ:
                     out.setdefault(name, {})[sub] = environ[key]
-        elif name not in ("providers", "models"):
+        elif name not in _YAML_ONLY:
             key = f"{ENV_PREFIX}{name}".upper()
             if key in environ:
                 out[name] = environ[key]
     return out
+
+
+_YAML_ONLY = ("providers", "models", "components", "budgets", "prices")
 
 
 def _default(field: Any) -> str:
@@ -566,13 +695,13 @@ def reference_rows() -> list[tuple[str, str, str, str, str]]:
                         sf.description or "",
                     )
                 )
-        elif name in ("providers", "models", "components"):
+        elif name in _YAML_ONLY:
             rows.append(
                 (
                     name,
                     "(yaml only)",
-                    "mapping" if name != "components" else "list",
-                    "{}" if name != "components" else "[]",
+                    "mapping" if name in ("providers", "models") else "list",
+                    "{}" if name in ("providers", "models") else "[]",
                     field.description or "",
                 )
             )

@@ -210,6 +210,7 @@ def make_trace(
     estimated_tokens: tuple[int, int] | None = None,
 ) -> TraceRecord:
     pt = ct = tt = None
+    cached = cache_write = reasoning = None
     estimated = False
     if usage:
         pt = usage.get("prompt_tokens")
@@ -217,6 +218,7 @@ def make_trace(
         tt = usage.get("total_tokens")
         if tt is None and pt is not None:
             tt = pt + (ct or 0)
+        cached, cache_write, reasoning = usage_details(usage)
     elif estimated_tokens is not None:
         pt, ct = estimated_tokens
         tt = pt + ct
@@ -249,4 +251,29 @@ def make_trace(
         "otel_trace_id": call.otel_trace_id,
         "otel_span_id": call.otel_span_id,
         "otel_parent_span_id": call.otel_parent_span_id,
+        "cached_tokens": cached,
+        "cache_write_tokens": cache_write,
+        "reasoning_tokens": reasoning,
     }
+
+
+def usage_details(usage: dict[str, Any]) -> tuple[int | None, int | None, int | None]:
+    """(cached prompt tokens, cache-write tokens, reasoning tokens) from a usage object.
+
+    OpenAI reports ``prompt_tokens_details.cached_tokens`` and
+    ``completion_tokens_details.reasoning_tokens``; the Anthropic adapter adds
+    the Messages API's own numbers under ``usage["anthropic"]``.
+    """
+    ptd = usage.get("prompt_tokens_details") or {}
+    ctd = usage.get("completion_tokens_details") or {}
+    anth = usage.get("anthropic") or {}
+    cached = ptd.get("cached_tokens") if isinstance(ptd, dict) else None
+    if cached is None and isinstance(anth, dict):
+        cached = anth.get("cache_read_input_tokens")
+    write = anth.get("cache_creation_input_tokens") if isinstance(anth, dict) else None
+    reasoning = ctd.get("reasoning_tokens") if isinstance(ctd, dict) else None
+    return (
+        cached if isinstance(cached, int) else None,
+        write if isinstance(write, int) else None,
+        reasoning if isinstance(reasoning, int) else None,
+    )

@@ -87,6 +87,9 @@ class Recorder:
         #: Called from the writer thread with each drained batch, before the write
         #: (so they see every call even while the store is down). Must be fast.
         self.observers: list[Callable[[list[TraceRecord]], None]] = []
+        #: Called first, in the writer thread, to change records in place before
+        #: anything sees them (redaction, capture modes). Must not raise.
+        self.enrichers: list[Callable[[list[TraceRecord]], None]] = []
         self._insert_sql: dict[str, str] = {}
 
     # -- request path -------------------------------------------------------
@@ -154,6 +157,16 @@ class Recorder:
             try:
                 while self._buf:
                     batch = self._drain(self.batch_size)
+                    for enrich in self.enrichers:
+                        try:
+                            enrich(batch)
+                        except Exception:
+                            # Never store what an enricher failed to clean: drop the
+                            # bodies rather than risk keeping unredacted data.
+                            log.exception("recorder enricher failed; bodies dropped")
+                            for rec in batch:
+                                rec["request_body"] = None
+                                rec["response_body"] = None
                     for obs in self.observers:
                         try:
                             obs(batch)

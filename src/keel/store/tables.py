@@ -55,6 +55,10 @@ traces = Table(
     Column("otel_trace_id", String(32)),
     Column("otel_span_id", String(16)),
     Column("otel_parent_span_id", String(16)),
+    Column("cached_tokens", Integer),  # prompt tokens read from the provider's cache
+    Column("cache_write_tokens", Integer),  # prompt tokens written to it (Anthropic)
+    Column("reasoning_tokens", Integer),  # part of completion_tokens
+    Column("cache_hit", Boolean),  # answered from Keel's response cache
     Index("ix_traces_started", "started_at_ms"),
     Index("ix_traces_model_started", "model", "started_at_ms"),
     Index("ix_traces_user_started", "user_id", "started_at_ms"),
@@ -292,4 +296,39 @@ alert_deliveries = Table(
     Column("error", Text),
     Column("alerts", Text, nullable=False),  # JSON list of {rule, labels, kind}
     Index("ix_alert_deliveries_ts", "ts_ms"),
+)
+
+
+# -- keys and audit -------------------------------------------------------------
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("prefix", String(16), nullable=False),  # shown in lists: "sk-keel-ab12…"
+    Column("hash", String(128), nullable=False, unique=True),  # sha256 of the secret
+    Column("role", String(16), nullable=False),  # admin | approver | read | user
+    Column("budget_usd", Float),
+    Column("budget_period", String(8)),  # day | week | month
+    Column("rpm", Integer),
+    Column("tpm", Integer),
+    Column("models", Text),  # JSON list of allowed aliases; null: all
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("expires_at_ms", BigInteger),
+    Column("revoked_at_ms", BigInteger),
+    Column("created_by", String(200)),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("principal", String(200), nullable=False),  # key id or "admin-env" / "cli"
+    Column("action", String(100), nullable=False),
+    Column("target", String(300)),
+    Column("details", Text),  # JSON
+    Column("status", Integer),
+    Index("ix_audit_log_ts", "ts_ms"),
 )

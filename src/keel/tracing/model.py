@@ -40,6 +40,10 @@ class TraceRecord(TypedDict, total=False):
     otel_trace_id: str | None
     otel_span_id: str | None  # the gateway call's own span
     otel_parent_span_id: str | None  # from the caller's W3C traceparent
+    cached_tokens: int | None  # prompt tokens read from the provider's prompt cache
+    cache_write_tokens: int | None  # prompt tokens written to it (Anthropic)
+    reasoning_tokens: int | None  # part of completion_tokens
+    cache_hit: bool | None  # answered from Keel's response cache
 
 
 TRACE_FIELDS: tuple[str, ...] = tuple(TraceRecord.__annotations__)
