@@ -1,4 +1,15 @@
-"""Model aliases → deployments (provider + upstream model + default params)."""
+"""Model aliases → deployments (provider + upstream model + default params).
+
+An alias orders its deployments for each call by its ``strategy``:
+
+- ``weighted``: a weighted random first choice, the others after it (so a
+  retry goes elsewhere);
+- ``least-busy``: fewest calls in flight first (ties broken at random);
+- ``fallback``: in the configured order.
+
+Deployments whose circuit breaker is open go last, so traffic avoids them
+while any other deployment is available.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +17,25 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from keel.config import Settings
+from keel.config import ModelAliasSettings, Settings
 from keel.errors import ModelNotFound
 from keel.gateway.providers.base import Provider
+from keel.gateway.resilience import Breaker
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Deployment:
     provider: Provider
     model: str
     params: dict[str, Any] = field(default_factory=dict)
     weight: float = 1.0
+    timeout_s: float | None = None
+    breaker: Breaker = field(default_factory=Breaker)
+    inflight: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider.name}/{self.model}"
 
 
 @dataclass
@@ -24,19 +43,41 @@ class Alias:
     name: str
     kind: str  # "chat" | "embedding"
     deployments: list[Deployment]
-    _weights: list[float] = field(default_factory=list)
+    strategy: str = "weighted"
+    retries: int = 0
+    retry_backoff_s: float = 0.2
+    settings: ModelAliasSettings | None = None
 
-    def __post_init__(self) -> None:
-        self._weights = [d.weight for d in self.deployments]
+    def candidates(self) -> list[Deployment]:
+        deps = self.deployments
+        if len(deps) == 1:
+            return deps
+        if self.strategy == "fallback":
+            order = list(deps)
+        elif self.strategy == "least-busy":
+            order = sorted(deps, key=lambda d: (d.inflight, random.random()))
+        else:
+            order = _weighted_order(deps)
+        healthy = [d for d in order if not d.breaker.is_open()]
+        if len(healthy) == len(order):
+            return order
+        # open circuits last, the one reopening soonest first among them
+        tripped = sorted(
+            (d for d in order if d.breaker.is_open()), key=lambda d: d.breaker.open_until
+        )
+        return healthy + tripped
 
     def pick(self) -> Deployment:
-        if len(self.deployments) == 1:
-            return self.deployments[0]
-        return random.choices(self.deployments, weights=self._weights, k=1)[0]
+        return self.candidates()[0]
+
+
+def _weighted_order(deps: list[Deployment]) -> list[Deployment]:
+    # Efraimidis–Spirakis: a weighted random permutation in one pass.
+    return sorted(deps, key=lambda d: -(random.random() ** (1.0 / d.weight)))
 
 
 class Router:
-    """Resolves the ``model`` of a request to a deployment."""
+    """Resolves the ``model`` of a request to an alias and its deployments."""
 
     def __init__(self, aliases: dict[str, Alias]) -> None:
         self.aliases = aliases
@@ -51,11 +92,21 @@ class Router:
                 "local-embed", "embedding", [Deployment(local, "local-embed")]
             )
         for name, spec in settings.models.items():
+            cb = spec.circuit_breaker
             deps = [
-                Deployment(providers[d.provider], d.model, dict(d.params), d.weight)
+                Deployment(
+                    providers[d.provider],
+                    d.model,
+                    dict(d.params),
+                    d.weight,
+                    d.timeout_s,
+                    Breaker(cb.failures, cb.cooldown_s),
+                )
                 for d in spec.deployments
             ]
-            aliases[name] = Alias(name, spec.kind, deps)
+            aliases[name] = Alias(
+                name, spec.kind, deps, spec.strategy, spec.retries, spec.retry_backoff_s, spec
+            )
         return cls(aliases)
 
     def resolve(self, model: str) -> Alias:

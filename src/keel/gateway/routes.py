@@ -28,7 +28,8 @@ from keel.gateway.calls import (
     make_trace,
     messages_text,
 )
-from keel.gateway.router import Router
+from keel.gateway.resilience import with_failover
+from keel.gateway.router import Alias, Deployment, Router
 from keel.monitoring.metrics import GatewayMetrics
 from keel.store.recorder import Recorder
 
@@ -192,18 +193,15 @@ class Gateway:
                 )
         except KeelError as e:
             return error_response(e, call.id)
-        dep = alias.pick()
-        upstream = {**dep.params, **body, "model": dep.model}
-        common = dict(
-            model=alias.name,
-            provider=dep.provider.name,
-            upstream_model=dep.model,
-            attribution=attribution,
-        )
         if body.get("stream"):
-            return await self._stream(call, dep.provider, upstream, raw, common, gauge)
+            return await self._stream(call, alias, body, raw, attribution, gauge)
+        last: list[Deployment] = []
         try:
-            resp = await dep.provider.chat(upstream)
+            resp, outcome = await with_failover(
+                alias,
+                lambda d: d.provider.chat(_upstream_body(d, body)),
+                on_attempt=last.append,
+            )
         except KeelError as e:
             self._record(
                 call=call,
@@ -213,7 +211,7 @@ class Gateway:
                 response_body=None,
                 usage=None,
                 error=e,
-                **common,
+                **_common(alias, last[-1], attribution, len(last)),
             )
             return error_response(e, call.id)
         out = orjson.dumps(resp)
@@ -232,7 +230,7 @@ class Gateway:
             response_body=self._resp_text(out),
             usage=usage,
             estimated_tokens=est,
-            **common,
+            **_common(alias, outcome.deployment, attribution, outcome.attempts, outcome.tried),
         )
         return Response(out, media_type=JSON, headers={TRACE_HEADER: call.id})
 
@@ -244,26 +242,36 @@ class Gateway:
     async def _stream(
         self,
         call: Call,
-        provider: Any,
-        upstream: dict[str, Any],
+        alias: Alias,
+        body: dict[str, Any],
         raw: bytes,
-        common: dict[str, Any],
+        attribution: Attribution,
         gauge: Any = None,
     ) -> Response:
-        client_opts = upstream.get("stream_options") or {}
+        client_opts = body.get("stream_options") or {}
         client_wants_usage = bool(client_opts.get("include_usage"))
-        if provider.reports_stream_usage:
-            upstream["stream_options"] = {**client_opts, "include_usage": True}
-        agen = provider.chat_stream(upstream)
-        # Wait for the first chunk before answering, so that an upstream that
-        # refuses the call gets a real HTTP error status, not a 200 with an
-        # error inside the stream.
+
+        async def attempt(dep: Deployment) -> tuple[Any, Any]:
+            upstream = _upstream_body(dep, body)
+            if dep.provider.reports_stream_usage:
+                upstream["stream_options"] = {**client_opts, "include_usage": True}
+            agen = dep.provider.chat_stream(upstream)
+            # Wait for the first chunk before answering, so that an upstream that
+            # refuses the call gets a real HTTP error status (and a retry on
+            # another deployment), not a 200 with an error inside the stream.
+            try:
+                first = await agen.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except BaseException:
+                await agen.aclose()
+                raise
+            return agen, first
+
+        last: list[Deployment] = []
         try:
-            first = await agen.__anext__()
-        except StopAsyncIteration:
-            first = None
+            (agen, first), outcome = await with_failover(alias, attempt, on_attempt=last.append)
         except KeelError as e:
-            await agen.aclose()
             self._record(
                 call=call,
                 stream=True,
@@ -272,9 +280,10 @@ class Gateway:
                 response_body=None,
                 usage=None,
                 error=e,
-                **common,
+                **_common(alias, last[-1], attribution, len(last)),
             )
             return error_response(e, call.id)
+        common = _common(alias, outcome.deployment, attribution, outcome.attempts, outcome.tried)
         return StreamingResponse(
             self._relay(call, agen, first, raw, common, client_wants_usage, gauge),
             media_type="text/event-stream",
@@ -393,16 +402,13 @@ class Gateway:
                 raise InvalidRequest(f"'{alias.name}' does not serve embeddings", param="model")
         except KeelError as e:
             return error_response(e, call.id)
-        dep = alias.pick()
-        upstream = {**dep.params, **body, "model": dep.model}
-        common = dict(
-            model=alias.name,
-            provider=dep.provider.name,
-            upstream_model=dep.model,
-            attribution=attribution,
-        )
+        last: list[Deployment] = []
         try:
-            resp = await dep.provider.embeddings(upstream)
+            resp, outcome = await with_failover(
+                alias,
+                lambda d: d.provider.embeddings(_upstream_body(d, body)),
+                on_attempt=last.append,
+            )
         except KeelError as e:
             self._record(
                 call=call,
@@ -412,9 +418,10 @@ class Gateway:
                 response_body=None,
                 usage=None,
                 error=e,
-                **common,
+                **_common(alias, last[-1], attribution, len(last)),
             )
             return error_response(e, call.id)
+        common = _common(alias, outcome.deployment, attribution, outcome.attempts, outcome.tried)
         out = orjson.dumps(resp)
         usage = resp.get("usage") if isinstance(resp.get("usage"), dict) else None
         if usage is not None and "completion_tokens" not in usage:
@@ -508,6 +515,37 @@ class Gateway:
             response_class=Response,
         )
         return r
+
+
+def _upstream_body(dep: Deployment, body: dict[str, Any]) -> dict[str, Any]:
+    return {**dep.params, **body, "model": dep.model}
+
+
+def _common(
+    alias: Alias,
+    dep: Deployment,
+    attribution: Attribution,
+    attempts: int,
+    tried: list[str] | None = None,
+) -> dict[str, Any]:
+    if attempts > 1:
+        # Which deployments were tried is part of what happened to the call.
+        attribution = Attribution(
+            attribution.user,
+            attribution.feature,
+            attribution.session,
+            {
+                **attribution.tags,
+                "_attempts": str(attempts),
+                **({"_tried": ",".join(tried)} if tried else {}),
+            },
+        )
+    return {
+        "model": alias.name,
+        "provider": dep.provider.name,
+        "upstream_model": dep.model,
+        "attribution": attribution,
+    }
 
 
 def common_messages(raw: bytes) -> list[Any]:
