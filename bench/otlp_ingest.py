@@ -50,16 +50,13 @@ def serve(port: int, data_dir: str, db: str | None) -> None:
 
     from keel.app import create_app
     from keel.config import Settings
-    from keel.tracing.otlp import make_router
 
     logging.basicConfig(level=logging.WARNING)
     sys.setswitchinterval(0.0005)  # as `keel up`
     s = Settings.model_validate(
         {"data_dir": data_dir, "database_url": db, "local": {"enabled": False}}
     )
-    app = create_app(s)
-    st = app.state.keel
-    app.include_router(make_router(st.engine, st.registry, s.gateway.max_body_bytes))
+    app = create_app(s)  # includes the OTLP router
     uvicorn.run(
         app,
         host="127.0.0.1",
