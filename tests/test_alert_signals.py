@@ -540,7 +540,7 @@ def test_retrieval_signals(engine):
 def test_describe_signals():
     described = {d["name"]: d for d in describe_signals()}
     assert set(ROLLUP_SIGNALS) <= set(described)
-    assert len(described) == 33
+    assert len(described) >= 33  # other modules (budgets) register more
     units = {"ratio", "ms", "count", "percent", "bytes", "usd", "seconds", "per_s", "per_min"}
     for d in described.values():
         assert d["description"] and "\n" not in d["description"]

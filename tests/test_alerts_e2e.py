@@ -131,15 +131,17 @@ def test_errors_fire_notify_and_resolve(keel_factory, receiver):
     for _ in range(4):
         assert chat(keel, "[[fake: error=500]]") == 502
     keel.flush()
-    pending = wait_state(keel, "gpt-errors", "pending")
-    assert pending["labels"] == {"model": "gpt"} and pending["value"] == 1.0
     (firing,) = receiver.wait_for("firing")
     assert firing["rule"] == "gpt-errors" and firing["labels"] == {"model": "gpt"}
     assert firing["severity"] == "critical" and firing["value"] == 1.0
     assert "error_rate" in firing["summary"] and "100%" in firing["summary"]
     assert "traces" in firing["links"] and "status=error" in firing["links"]["traces"]
     a = wait_state(keel, "gpt-errors", "firing")
+    assert a["labels"] == {"model": "gpt"} and a["value"] == 1.0
+    # it went through pending first (held for `for: 0.4s`), then fired
     assert [e["kind"] for e in a["history"]][-2:] == ["firing", "pending"]
+    pending_at = a["history"][-1]["ts_ms"]
+    assert a["history"][-2]["ts_ms"] - pending_at >= 400
     # the model recovers: plenty of good calls bring the rate under the threshold
     for _ in range(8):
         assert chat(keel, "hello") == 200

@@ -25,6 +25,8 @@ from keel._version import __version__
 from keel.alerts import api as alerts_api
 from keel.alerts.delivery import Dispatcher
 from keel.alerts.engine import AlertEngine
+from keel.auth import AuthMiddleware, KeyStore, auth_enabled
+from keel.auth import api as auth_api
 from keel.config import Settings
 from keel.errors import InvalidRequest, KeelError, NotFound
 from keel.gateway.providers.base import PROVIDER_KINDS, Provider
@@ -59,6 +61,7 @@ class KeelState:
     registry: CollectorRegistry
     metrics: GatewayMetrics
     daemons: list[Any]
+    keystore: Any = None
 
 
 def _load_provider_kinds() -> None:
@@ -150,11 +153,15 @@ def create_app(
     registry.register(CallbackCollector(recorder_families(recorder)))
     registry.register(CallbackCollector(daemon_families(lambda: daemons)))
     gateway = Gateway(router, recorder, settings.gateway, settings.recorder, metrics)
+    keystore = KeyStore(engine, redis_url=settings.redis_url, cache_s=settings.auth.key_cache_s)
+    admin_secret = env.get(settings.auth.admin_key_env) if settings.auth.admin_key_env else None
     state = KeelState(settings, engine, recorder, providers, router, registry, metrics, daemons)
+    state.keystore = keystore
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(migrate, engine)
+        await keystore.start()
         recorder.start()
         for p in providers.values():
             try:
@@ -175,6 +182,8 @@ def create_app(
                 with contextlib.suppress(Exception):
                     await p.close_session()
             await asyncio.to_thread(recorder.stop)
+            with contextlib.suppress(Exception):
+                await keystore.aclose()
 
     app = FastAPI(
         title="Keel",
@@ -213,6 +222,15 @@ def create_app(
     app.include_router(metrics_api.make_router(engine))
     app.include_router(components_api.make_router(engine, probe_daemon))
     app.include_router(alerts_api.make_router(engine, settings.alerts, dispatcher))
+    app.include_router(auth_api.make_router(keystore, engine))
+    # Outermost: nothing runs for a request that has no valid key.
+    app.add_middleware(
+        AuthMiddleware,
+        keystore=keystore,
+        enabled=auth_enabled(settings),
+        admin_secret=admin_secret,
+        engine=engine,
+    )
 
     @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:

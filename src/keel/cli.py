@@ -435,6 +435,15 @@ def alerts_signals(url: str) -> None:
         click.echo(f"{s['name']:<26} {s['unit']:<8} [{', '.join(s['labels'])}] {s['description']}")
 
 
+def _register_groups() -> None:
+    from keel.auth.cli import keys
+
+    cli.add_command(keys)
+
+
+_register_groups()
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

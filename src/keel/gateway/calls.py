@@ -62,6 +62,7 @@ class Attribution:
     feature: str | None = None
     session: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    key_id: str | None = None  # the virtual key that made the call
 
     @classmethod
     def from_request(cls, headers: Headers, body: dict[str, Any]) -> Attribution:
@@ -246,6 +247,7 @@ def make_trace(
         "session_id": attribution.session,
         "tags": orjson.dumps(attribution.tags).decode() if attribution.tags else None,
         "client_addr": call.client_addr,
+        "api_key_id": attribution.key_id,
         "request_body": request_body,
         "response_body": response_body,
         "otel_trace_id": call.otel_trace_id,

@@ -191,6 +191,7 @@ class Gateway:
                 raise InvalidRequest(
                     f"'{alias.name}' is an embedding model; use /v1/embeddings", param="model"
                 )
+            attribution.key_id = _check_key(request, alias.name)
         except KeelError as e:
             return error_response(e, call.id)
         if body.get("stream"):
@@ -400,6 +401,7 @@ class Gateway:
             alias = self.router.resolve(body["model"])
             if alias.kind != "embedding" and not alias.deployments[0].provider.supports_embeddings:
                 raise InvalidRequest(f"'{alias.name}' does not serve embeddings", param="model")
+            attribution.key_id = _check_key(request, alias.name)
         except KeelError as e:
             return error_response(e, call.id)
         last: list[Deployment] = []
@@ -515,6 +517,19 @@ class Gateway:
             response_class=Response,
         )
         return r
+
+
+def _check_key(request: Request, alias: str) -> str | None:
+    """The calling key's id, after checking it may use this model (403 otherwise)."""
+    principal = getattr(request.state, "keel_principal", None)
+    if principal is None:
+        return None
+    if not principal.allows_model(alias):
+        from keel.auth.keys import Forbidden
+
+        allowed = ", ".join(sorted(principal.models or ())) or "none"
+        raise Forbidden(f"key '{principal.name}' may not use model '{alias}' (allowed: {allowed})")
+    return principal.id
 
 
 def _upstream_body(dep: Deployment, body: dict[str, Any]) -> dict[str, Any]:

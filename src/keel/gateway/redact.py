@@ -1,0 +1,621 @@
+"""PII redaction of recorded calls, and the capture mode of each model alias.
+
+:class:`Redactor` finds personal data in text (e-mail addresses, phone numbers,
+payment cards, IBANs, IP addresses and any named regex from the settings) and
+replaces each finding with ``[REDACTED:KIND]``. Detection is usable on its own
+(:meth:`Redactor.detect`), so dataset validation can reuse the same detectors.
+
+:class:`CaptureEnricher` applies an alias' capture mode to trace records. It is
+a :attr:`keel.store.recorder.Recorder.enrichers` callable: it runs in the
+writer thread, never on the request path.
+
+Every detector is a regex that finds candidates cheaply (no match costs one
+scan of the text) followed, where a format has one, by a checksum or a parser
+on the candidate only: Luhn for cards, ISO 7064 mod 97 for IBANs,
+:mod:`ipaddress` for IPv6. Built-in detectors run one after another on the
+text left by the previous ones, so a span is never counted twice.
+
+The start-of-finding rules also accept the position right after a JSON escape
+(``\\n``, ``\\u00e9``), because a truncated body keeps the first characters of
+the raw JSON text as one string and must still be redacted there.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    from keel.config import Settings
+    from keel.tracing.model import TraceRecord
+
+log = logging.getLogger("keel.redact")
+
+CAPTURE_MODES = ("full", "redacted", "metadata-only")
+
+# A finding starts where the text starts, after a character that cannot be
+# part of it, or right after a JSON escape sequence (see the module doc). The
+# check comes after the finding's first character, so that every pattern
+# starts with a character class and the regex engine skips ahead in C to the
+# next place where that class occurs (a leading lookbehind would be tried at
+# every position: 5x slower).
+
+
+def _after_first(excluded: str) -> str:
+    return rf"(?:(?<![{excluded}\\].)|(?<=\\[nrtbf].)|(?<=\\u[0-9A-Fa-f]{{4}}.))"
+
+
+_NUM = _after_first(r"\w.+\-")
+
+# Found by its "@…tld" part (a literal prefix: the fastest search there is);
+# the local part is taken by scanning left (_email_span). Unicode \w:
+# internationalised addresses are still addresses.
+_EMAIL = re.compile(r"@(?:[\w\-]+\.)+[^\W\d_]{2,63}(?![\w\-])")
+_EMAIL_LOCAL = frozenset("._%+-")
+
+# The numeric detectors (IBAN, card, IPv4, phone) are written as what follows
+# their first character, so that one scan (_numeric_gate) can find where any
+# of them may start; the full patterns then only run at those few places.
+
+# An IBAN is found by its first check digit; the country code is checked behind.
+_IBAN_TAIL = (
+    r"(?<=[A-Za-z]{2}[0-9])"
+    r"(?:(?<![A-Za-z0-9\\]...)|(?<=\\[nrtbf]...)|(?<=\\u[0-9A-Fa-f]{4}...))"
+    r"[0-9](?:[ ]?[A-Za-z0-9]){11,30}"
+)
+# Backtracking is bounded (at most 7 lengths) and lets a card followed by
+# another number still end where its own digits end.
+_CARD_TAIL = r"(?<=[0-9])" + _NUM + r"(?:[ \-]?[0-9]){12,18}(?![\w\-]|\.[0-9])"
+_IPV4_TAIL = r"(?<=[0-9])" + _after_first(r"\w.") + r"[0-9]{0,2}(?:\.[0-9]{1,3}){3}(?![\w]|\.[0-9])"
+# Digit runs are atomic and separators between runs are required, so a
+# candidate is found in linear time; the shape rules are in _phone_shape_ok.
+# Each branch first looks ahead for its least number of digits, so the many
+# short numbers of ordinary text are dismissed in C.
+_PHONE_TAIL = (
+    _NUM
+    + r"(?:(?<=\+)(?=(?:[ .\-()]{0,2}[0-9]){8})"
+    + r"(?P<intl>[0-9](?>[0-9]*)(?:[ .\-]?\([0-9]{1,5}\))?(?>(?:[ .\-][0-9]+)*))"
+    + r"|(?<=\()(?=(?:[ .\-)]{0,2}[0-9]){8})"
+    + r"(?P<paren>[0-9]{1,5}\)(?>[ .\-]?[0-9]+)(?>(?:[ .\-][0-9]+)*))"
+    + r"|(?<=[0-9])(?=(?:[ ./\-]?[0-9]){8})(?P<nat>(?>[0-9]*)(?>(?:[ ./\-][0-9]+)+))"
+    + r")(?!\w)"
+)
+_IBAN = re.compile(r"[0-9]" + _IBAN_TAIL, re.ASCII)
+_CARD = re.compile(r"[0-9]" + _CARD_TAIL, re.ASCII)
+_IPV4 = re.compile(r"[0-9]" + _IPV4_TAIL, re.ASCII)
+_PHONE = re.compile(r"[+(0-9]" + _PHONE_TAIL, re.ASCII)
+
+# Found by ":…:" (there is one in every IPv6 address: "::" or a middle group),
+# then matched from the start of the hex/colon run (_ipv6_span).
+_IPV6_HINT = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_IPV6 = re.compile(
+    r"(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|[0-9]{1,3}(?:\.[0-9]{1,3}){3})?"
+    r"(?![\w:]|\.[0-9])",
+    re.ASCII,
+)
+_HEXCOLON = frozenset("0123456789abcdefABCDEF:")
+_WORD = re.compile(r"\w", re.ASCII)
+_ESCAPE_BEFORE = re.compile(r"(?:\\[nrtbf]|\\u[0-9A-Fa-f]{4})$")
+
+_GROUPS = re.compile(r"[0-9]+", re.ASCII)
+_DATE_PREFIX = re.compile(
+    r"(?:(?:19|20)[0-9]{2}[./\-](?:0?[1-9]|1[0-2])[./\-](?:0?[1-9]|[12][0-9]|3[01])"
+    r"|(?:0?[1-9]|[12][0-9]|3[01])[./\-](?:0?[1-9]|1[0-2])[./\-](?:19|20)[0-9]{2})(?![0-9])",
+    re.ASCII,
+)
+# National shapes accepted without a trunk "0": US/CA 555-123-4567 (and with a
+# leading 1), CN 138 0013 8000, IN 98765 43210.
+_NATIONAL_SHAPES = {(3, 3, 4), (1, 3, 3, 4), (3, 4, 4), (5, 5), (4, 3, 4), (2, 4, 4)}
+
+_DIGIT = re.compile(r"[0-9]", re.ASCII)
+
+# Registered IBAN lengths (SWIFT IBAN registry). A country not listed here is
+# not detected: without the length, mod 97 alone would accept 1 string in 97.
+_IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22,
+    "BH": 22, "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24,
+    "DE": 22, "DJ": 27, "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18,
+    "FK": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27,
+    "GT": 28, "HN": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26,
+    "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20,
+    "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MN": 20,
+    "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23, "PK": 24,
+    "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24,
+    "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25,
+    "SV": 28, "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
+    "YE": 30,
+}  # fmt: skip
+
+
+def luhn_ok(digits: str) -> bool:
+    """True when a string of digits passes the Luhn checksum."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i & 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def iban_ok(iban: str) -> bool:
+    """True for a compact IBAN with a registered length and a valid mod-97 check."""
+    iban = iban.upper()
+    if _IBAN_LENGTHS.get(iban[:2]) != len(iban) or not iban.isalnum() or not iban.isascii():
+        return False
+    moved = iban[4:] + iban[:4]
+    return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
+
+
+# -- spans: match → the (start, end) to redact in the text, or None
+# ``lo`` is where the text not yet claimed by this detector starts.
+
+Span = tuple[int, int] | None
+
+
+def _email_span(m: re.Match[str], text: str, lo: int) -> Span:
+    at = m.start()
+    start = at
+    floor = max(lo, at - 256)
+    while start > floor and (text[start - 1].isalnum() or text[start - 1] in _EMAIL_LOCAL):
+        start -= 1
+    if start > 0 and text[start - 1] == "\\":  # "\nbob@…" in a truncated body
+        if text[start] in "nrtbf":
+            start += 1
+        elif text[start] == "u" and _ESCAPE_BEFORE.search(text, 0, start + 5):
+            start += 5
+    return (start, m.end()) if start < at else None
+
+
+def _card_span(m: re.Match[str], text: str, lo: int) -> Span:
+    s = m.group()
+    digits = s.replace(" ", "").replace("-", "")
+    if not 13 <= len(digits) <= 19:
+        return None
+    if " " in s and "-" in s:  # real cards are grouped with one separator
+        return None
+    # Issuer prefixes (Visa, Mastercard, Amex, Diners, JCB, Discover, UnionPay,
+    # Maestro). No network starts with 0, 1, 7, 8 or 9, which keeps epoch
+    # timestamps (1…) and most numeric ids out.
+    first = digits[0]
+    if first == "2":
+        if not 2221 <= int(digits[:4]) <= 2720:
+            return None
+    elif first == "3":
+        if digits[1] not in "045678":
+            return None
+    elif first not in "456":
+        return None
+    return m.span() if luhn_ok(digits) else None
+
+
+def _iban_span(m: re.Match[str], text: str, lo: int) -> Span:
+    start = m.start() - 2
+    s = text[start : m.end()]
+    want = _IBAN_LENGTHS.get(s[:2].upper())
+    if want is None:
+        return None
+    got = 0
+    for i, ch in enumerate(s):
+        if ch != " ":
+            got += 1
+            if got == want:
+                end = i + 1
+                break
+    else:
+        return None
+    # The IBAN must end where a group ends, not inside a longer word.
+    if end < len(s) and s[end] != " ":
+        return None
+    return (start, start + end) if iban_ok(s[:end].replace(" ", "")) else None
+
+
+def _ipv6_span(m: re.Match[str], text: str, lo: int) -> Span:
+    hint = m.start()
+    start = hint
+    floor = max(lo, hint - 40)
+    while start > floor and text[start - 1] in _HEXCOLON:
+        start -= 1
+    # From the start of the hex/colon run, or else from just after one of its
+    # colons ("IP:2001:db8::1").
+    if start and _WORD.match(text, start - 1) and not _ESCAPE_BEFORE.search(text, 0, start):
+        starts = []
+    else:
+        starts = [start]
+    starts += [k + 1 for k in range(start, hint + 1) if text[k] == ":"]
+    for s in starts:
+        c = _IPV6.match(text, s)
+        if c is not None and _ipv6_ok(c.group()):
+            return c.span()
+    return None
+
+
+def _ipv6_ok(s: str) -> bool:
+    try:
+        ipaddress.IPv6Address(s)
+    except ValueError:
+        return False  # e.g. times 12:30:45, MAC addresses
+    if "::" in s:
+        groups = [g for g in s.replace("::", ":").split(":") if g]
+        # "::", "::1" and slices like x[1::2] are not worth a redaction.
+        if len(groups) < 2 or (len(groups) == 2 and max(len(g) for g in groups) < 4):
+            return False
+    return True
+
+
+def _ipv4_span(m: re.Match[str], text: str, lo: int) -> Span:
+    for octet in m.group().split("."):
+        if int(octet) > 255 or (len(octet) > 1 and octet[0] == "0"):
+            return None
+    return m.span()
+
+
+def _phone_span(m: re.Match[str], text: str, lo: int) -> Span:
+    start = m.start()
+    s = m.group()
+    spans = [g.span() for g in _GROUPS.finditer(s)]
+    kind = "intl" if m.group("intl") is not None else "nat" if m.group("nat") else "paren"
+    low = 1 if kind == "intl" else 2
+    # A number may be followed by an unrelated one ("555-123-4567 2 times"):
+    # also try without trailing groups (a phone number has at most 8).
+    for k in range(min(len(spans), 8), low - 1, -1):
+        lens = tuple(b - a for a, b in spans[:k])
+        end = spans[k - 1][1]
+        if _phone_shape_ok(kind, s[:end], lens):
+            return start, start + end
+    return None
+
+
+def _phone_shape_ok(kind: str, s: str, lens: tuple[int, ...]) -> bool:
+    n = sum(lens)
+    if kind == "intl":
+        return 8 <= n <= 15
+    if kind == "paren":
+        return 8 <= n <= 13
+    if not 9 <= n <= 13 or min(lens[1:]) < 2 or _DATE_PREFIX.match(s):
+        return False
+    # 12 345 678, 1.234.567.890: thousands, not a phone number.
+    if lens[0] <= 3 and all(x == 3 for x in lens[1:]):
+        return False
+    return s[0] == "0" or lens in _NATIONAL_SHAPES
+
+
+def _whole(m: re.Match[str], text: str, lo: int) -> Span:
+    return m.span() if m.end() > m.start() else None
+
+
+Finder = Callable[[re.Match[str], str, int], tuple[int, int, str] | None]
+
+
+class _Detector:
+    """A regex that finds candidates cheaply and a function that validates one.
+
+    ``find(match, text, lo)`` returns ``(start, end, kind)`` to redact, or None.
+    """
+
+    __slots__ = ("find", "kinds", "needs", "rescan", "rx")
+
+    def __init__(
+        self,
+        kinds: tuple[str, ...],
+        rx: re.Pattern[str],
+        find: Finder,
+        needs: str | None = None,
+        rescan: bool = False,
+    ) -> None:
+        self.kinds = kinds
+        self.rx = rx
+        self.find = find
+        self.needs = needs  # "digit", or one character that must occur
+        # After a rejected candidate, search again from its second character
+        # rather than from its end: an IBAN candidate runs on into the next
+        # words, a phone candidate over every space-separated number that follows.
+        self.rescan = rescan
+
+
+def _single(kind: str, rx: re.Pattern[str], span: Callable[..., Span], **kw: Any) -> _Detector:
+    def find(m: re.Match[str], text: str, lo: int) -> tuple[int, int, str] | None:
+        sp = span(m, text, lo)
+        return None if sp is None else (sp[0], sp[1], kind)
+
+    return _Detector((kind,), rx, find, **kw)
+
+
+# Precedence at one place: an IBAN or a card before PHONE sees its digit groups.
+_NUMERIC = (
+    ("IBAN", _IBAN_TAIL, _IBAN, _iban_span),
+    ("CREDIT_CARD", _CARD_TAIL, _CARD, _card_span),
+    ("IPV4", _IPV4_TAIL, _IPV4, _ipv4_span),
+    ("PHONE", _PHONE_TAIL, _PHONE, _phone_span),
+)
+
+
+def _numeric(kinds: set[str]) -> _Detector | None:
+    """One detector for the numeric kinds in ``kinds``: a single scan of the text."""
+    chosen = [n for n in _NUMERIC if n[0] in kinds]
+    if not chosen:
+        return None
+    first = "[+(0-9]" if "PHONE" in kinds else "[0-9]"
+    gate = re.compile(first + "(?=" + "|".join(f"(?:{n[1]})" for n in chosen) + ")", re.ASCII)
+
+    def find(m: re.Match[str], text: str, lo: int) -> tuple[int, int, str] | None:
+        at = m.start()
+        for kind, _tail, rx, span in chosen:
+            c = rx.match(text, at)
+            if c is not None:
+                sp = span(c, text, lo)
+                if sp is not None and sp[0] >= lo:
+                    return sp[0], sp[1], kind
+        return None
+
+    return _Detector(tuple(n[0] for n in chosen), gate, find, needs="digit", rescan=True)
+
+
+BUILTIN_KINDS = ("EMAIL", "IPV6", "IBAN", "CREDIT_CARD", "IPV4", "PHONE")
+
+
+def _builtins(skip: set[str]) -> list[_Detector]:
+    # An IPv6 address is claimed before IPV4 sees its embedded IPv4 tail.
+    out = []
+    if "EMAIL" not in skip:
+        out.append(_single("EMAIL", _EMAIL, _email_span, needs="@"))
+    if "IPV6" not in skip:
+        out.append(_single("IPV6", _IPV6_HINT, _ipv6_span, needs=":"))
+    numeric = _numeric({n[0] for n in _NUMERIC} - skip)
+    if numeric is not None:
+        out.append(numeric)
+    return out
+
+
+_SEP = "\x00"  # joins a JSON document's strings; no built-in detector spans it
+_BIG_INT = re.compile(r"[0-9]{20,}", re.ASCII)
+
+
+class Redactor:
+    """Finds and masks personal data in text. Thread-safe; build once, reuse.
+
+    ``patterns`` adds named regexes (``{"ticket": r"TCK-[0-9]{6}"}`` redacts as
+    ``[REDACTED:TICKET]``); they run before the built-ins, and one named like a
+    built-in (``email``) replaces it.
+    """
+
+    def __init__(self, patterns: dict[str, str] | None = None) -> None:
+        custom = [
+            _single(name.upper(), re.compile(rx), _whole) for name, rx in (patterns or {}).items()
+        ]
+        names = {d.kinds[0] for d in custom}
+        self._detectors = custom + _builtins(names)
+        self._labels = {k: f"[REDACTED:{k}]" for d in self._detectors for k in d.kinds}
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The names of the detectors, in the order they run."""
+        return tuple(k for d in self._detectors for k in d.kinds)
+
+    def redact(self, text: str) -> tuple[str, dict[str, int]]:
+        """Replace each finding with ``[REDACTED:KIND]``; also count them by kind."""
+        counts: dict[str, int] = {}
+        if not text:
+            return text, counts
+        labels = self._labels
+        has_digit: bool | None = None
+        for det in self._detectors:
+            needs = det.needs
+            if needs is not None:
+                if needs == "digit":
+                    if has_digit is None:
+                        has_digit = _DIGIT.search(text) is not None
+                    if not has_digit:
+                        continue
+                elif needs not in text:
+                    continue
+            pieces: list[str] | None = None
+            pos = at = 0
+            find = det.find
+            search = det.rx.search
+            while m := search(text, at):
+                hit = find(m, text, pos)
+                if hit is None:
+                    at = m.start() + 1 if det.rescan else max(m.end(), m.start() + 1)
+                    continue
+                start, end, kind = hit
+                if pieces is None:
+                    pieces = []
+                pieces.append(text[pos:start])
+                pieces.append(labels[kind])
+                counts[kind] = counts.get(kind, 0) + 1
+                # What the finding did not claim (a phone's trailing group, the
+                # words after an IBAN) is searched again.
+                pos = at = end
+            if pieces is not None:
+                pieces.append(text[pos:])
+                text = "".join(pieces)
+        return text, counts
+
+    def detect(self, text: str) -> dict[str, int]:
+        """Count the findings in ``text`` by kind (``{}``: none), changing nothing."""
+        return self.redact(text)[1]
+
+    def redact_obj(self, obj: Any) -> tuple[Any, dict[str, int]]:
+        """Redact every string value of a parsed JSON value; keys are kept.
+
+        Returns the same object when nothing was found, else a new one.
+        """
+        strings: list[str] = []
+        _collect(obj, strings)
+        if not strings:
+            return obj, {}
+        if not any(_SEP in s for s in strings):
+            # One scan over all the values costs far less than one per value.
+            red, counts = self.redact(_SEP.join(strings))
+            if not counts:
+                return obj, counts
+            parts = red.split(_SEP)
+            if len(parts) == len(strings):
+                return _rebuild(obj, iter(parts)), counts
+        # A custom pattern matched across values (or a value holds the joiner).
+        counts = {}
+        parts = []
+        for s in strings:
+            r, c = self.redact(s)
+            parts.append(r)
+            for k, v in c.items():
+                counts[k] = counts.get(k, 0) + v
+        if not counts:
+            return obj, counts
+        return _rebuild(obj, iter(parts)), counts
+
+    def redact_json_text(self, text: str) -> tuple[str, dict[str, int]]:
+        """Redact the string values of a JSON document, keys untouched.
+
+        A changed document is re-serialised compactly; an unchanged one is
+        returned as it was. Text that is not JSON is redacted as plain text.
+        """
+        if not text:
+            return text, {}
+        exact = _BIG_INT.search(text) is not None  # orjson turns >64-bit ints into floats
+        try:
+            obj = json.loads(text) if exact else orjson.loads(text)
+        except ValueError:
+            return self.redact(text)
+        new, counts = self.redact_obj(obj)
+        if not counts:
+            return text, counts
+        if exact:
+            return json.dumps(new, ensure_ascii=False, separators=(",", ":")), counts
+        return orjson.dumps(new).decode(), counts
+
+
+def _collect(obj: Any, out: list[str]) -> None:
+    if isinstance(obj, str):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _collect(v, out)
+    elif isinstance(obj, list):
+        for v in obj:
+            _collect(v, out)
+
+
+def _rebuild(obj: Any, parts: Any) -> Any:
+    # Walks in exactly the order of _collect.
+    if isinstance(obj, str):
+        return next(parts)
+    if isinstance(obj, dict):
+        return {k: _rebuild(v, parts) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rebuild(v, parts) for v in obj]
+    return obj
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    """``{"PHONE": 1, "EMAIL": 2}`` → ``"EMAIL:2,PHONE:1"``."""
+    return ",".join(f"{k}:{v}" for k, v in sorted(counts.items()))
+
+
+def _merge_tags(tags: str | None, counts: dict[str, int]) -> str:
+    obj: dict[str, Any] = {}
+    if tags:
+        try:
+            parsed = orjson.loads(tags)
+        except orjson.JSONDecodeError:
+            parsed = tags
+        obj = parsed if isinstance(parsed, dict) else {"_tags": parsed}
+    obj["_redacted"] = format_counts(counts)
+    return orjson.dumps(obj).decode()
+
+
+class CaptureEnricher:
+    """Applies each alias' capture mode to trace records, for ``Recorder.enrichers``.
+
+    ``full`` keeps a record as it is; ``redacted`` redacts the request and
+    response bodies and the error message; ``metadata-only`` drops both
+    bodies and redacts the error message. What was redacted is counted in the
+    record's tags under ``_redacted`` (``"EMAIL:2,PHONE:1"``).
+
+    It never raises: a record it cannot clean loses its bodies and error
+    message, and the failure is logged and counted in ``failures``.
+    """
+
+    def __init__(
+        self, *, default_mode: str, mode_by_alias: dict[str, str], redactor: Redactor
+    ) -> None:
+        for where, mode in [("default_mode", default_mode), *mode_by_alias.items()]:
+            if mode not in CAPTURE_MODES:
+                raise ValueError(
+                    f"{where}: capture mode must be one of {', '.join(CAPTURE_MODES)}, not {mode!r}"
+                )
+        self.default_mode = default_mode
+        self.mode_by_alias = dict(mode_by_alias)
+        self.redactor = redactor
+        self.records_redacted = 0  # records that had at least one finding
+        self.findings = 0
+        self.failures = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CaptureEnricher:
+        """Capture modes of every configured alias, plus the embedded local models."""
+        default = settings.redaction.default_capture
+        modes = {alias: spec.capture or default for alias, spec in settings.models.items()}
+        for alias in ("local", "local-embed"):
+            modes.setdefault(alias, default)
+        return cls(
+            default_mode=default,
+            mode_by_alias=modes,
+            redactor=Redactor(settings.redaction.patterns),
+        )
+
+    @property
+    def active(self) -> bool:
+        """False when every alias captures in full (the enricher would do nothing)."""
+        return self.default_mode != "full" or any(m != "full" for m in self.mode_by_alias.values())
+
+    def mode_for(self, alias: str | None) -> str:
+        return self.mode_by_alias.get(alias, self.default_mode) if alias else self.default_mode
+
+    def __call__(self, batch: list[TraceRecord]) -> None:
+        modes = self.mode_by_alias
+        default = self.default_mode
+        for rec in batch:
+            mode = modes.get(rec.get("model"), default)  # type: ignore[arg-type]
+            if mode == "full":
+                continue
+            try:
+                self._apply(rec, mode)
+            except Exception:
+                self.failures += 1
+                log.exception("redaction failed for trace %s; bodies dropped", rec.get("id"))
+                rec["request_body"] = None
+                rec["response_body"] = None
+                rec["error_message"] = None
+
+    def _apply(self, rec: TraceRecord, mode: str) -> None:
+        total: dict[str, int] = {}
+        red = self.redactor
+        if mode == "metadata-only":
+            rec["request_body"] = None
+            rec["response_body"] = None
+        else:
+            for field in ("request_body", "response_body"):
+                body = rec.get(field)
+                if body:
+                    rec[field], counts = red.redact_json_text(body)  # type: ignore[literal-required]
+                    for k, v in counts.items():
+                        total[k] = total.get(k, 0) + v
+        msg = rec.get("error_message")
+        if msg:
+            rec["error_message"], counts = red.redact(msg)
+            for k, v in counts.items():
+                total[k] = total.get(k, 0) + v
+        if total:
+            rec["tags"] = _merge_tags(rec.get("tags"), total)
+            self.records_redacted += 1
+            self.findings += sum(total.values())
