@@ -28,6 +28,8 @@ from keel.alerts.engine import AlertEngine
 from keel.auth import AuthMiddleware, KeyStore, auth_enabled
 from keel.auth import api as auth_api
 from keel.config import Settings
+from keel.costs import PriceCatalog, Pricer
+from keel.costs import api as costs_api
 from keel.errors import InvalidRequest, KeelError, NotFound
 from keel.gateway.providers.base import PROVIDER_KINDS, Provider
 from keel.gateway.router import Router
@@ -152,7 +154,8 @@ def create_app(
     daemons.append(alert_engine)
     registry.register(CallbackCollector(recorder_families(recorder)))
     registry.register(CallbackCollector(daemon_families(lambda: daemons)))
-    gateway = Gateway(router, recorder, settings.gateway, settings.recorder, metrics)
+    pricer = Pricer(PriceCatalog.for_settings(settings), registry)
+    gateway = Gateway(router, recorder, settings.gateway, settings.recorder, metrics, pricer)
     keystore = KeyStore(engine, redis_url=settings.redis_url, cache_s=settings.auth.key_cache_s)
     admin_secret = env.get(settings.auth.admin_key_env) if settings.auth.admin_key_env else None
     state = KeelState(settings, engine, recorder, providers, router, registry, metrics, daemons)
@@ -223,6 +226,7 @@ def create_app(
     app.include_router(components_api.make_router(engine, probe_daemon))
     app.include_router(alerts_api.make_router(engine, settings.alerts, dispatcher))
     app.include_router(auth_api.make_router(keystore, engine))
+    app.include_router(costs_api.make_router(engine))
     # Outermost: nothing runs for a request that has no valid key.
     app.add_middleware(
         AuthMiddleware,

@@ -437,8 +437,10 @@ def alerts_signals(url: str) -> None:
 
 def _register_groups() -> None:
     from keel.auth.cli import keys
+    from keel.costs.cli import costs
 
     cli.add_command(keys)
+    cli.add_command(costs)
 
 
 _register_groups()

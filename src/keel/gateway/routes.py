@@ -32,6 +32,7 @@ from keel.gateway.resilience import with_failover
 from keel.gateway.router import Alias, Deployment, Router
 from keel.monitoring.metrics import GatewayMetrics
 from keel.store.recorder import Recorder
+from keel.tracing.model import TraceRecord
 
 log = logging.getLogger("keel.gateway")
 
@@ -115,8 +116,10 @@ class Gateway:
         gateway: GatewaySettings,
         recording: RecorderSettings,
         metrics: GatewayMetrics | None = None,
+        pricer: Any = None,
     ) -> None:
         self.router = router
+        self.pricer = pricer
         registry = metrics.inflight if metrics is not None else None
         self._inflight_chat = registry.labels("chat") if registry is not None else None
         self._inflight_embed = registry.labels("embeddings") if registry is not None else None
@@ -151,12 +154,17 @@ class Gateway:
         except orjson.JSONDecodeError as e:
             raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
 
-    def _record(self, **kw: Any) -> None:
+    def _record(self, **kw: Any) -> TraceRecord | None:
         # Telemetry never breaks the caller.
         try:
-            self.recorder.record(make_trace(**kw))
+            rec = make_trace(**kw)
+            if self.pricer is not None:
+                self.pricer.price(rec)  # ≈ 0.7 µs; budgets need the cost right away
+            self.recorder.record(rec)
+            return rec
         except Exception:
             log.exception("could not record trace")
+            return None
 
     def _req_text(self, raw: bytes) -> str | None:
         if not self.capture:

@@ -31,8 +31,8 @@ _ADDITIVE = ROLLUP_SUMS + LAT_COLS + TTFT_COLS
 
 
 DIM_KEYS = ("minute_ms", "dimension", "value", "status")
-# Attribution fields that get their own rollups (group_by=feature|user).
-DIMENSIONS = (("feature", "feature"), ("user", "user_id"))
+# Attribution fields that get their own rollups (group_by=feature|user|key).
+DIMENSIONS = (("feature", "feature"), ("user", "user_id"), ("key", "api_key_id"))
 
 
 def _new_acc(keys: tuple[str, ...], key: tuple) -> dict[str, Any]:
