@@ -31,6 +31,8 @@ from keel.config import Settings
 from keel.costs import PriceCatalog, Pricer
 from keel.costs import api as costs_api
 from keel.errors import InvalidRequest, KeelError, NotFound
+from keel.gateway import limits as limits_mod
+from keel.gateway.limits import Limits
 from keel.gateway.providers.base import PROVIDER_KINDS, Provider
 from keel.gateway.router import Router
 from keel.gateway.routes import Gateway, error_response
@@ -146,6 +148,9 @@ def create_app(
     )
     daemons.append(probe_daemon)
     import keel.alerts.sources  # noqa: F401  (registers the signals)
+    from keel.alerts import budget_signal
+
+    budget_signal.configure(settings.budgets)
 
     alerts_api.validate_alert_config(settings.alerts)
     base_url = settings.alerts.dashboard_url or f"http://{settings.host}:{settings.port}"
@@ -155,7 +160,10 @@ def create_app(
     registry.register(CallbackCollector(recorder_families(recorder)))
     registry.register(CallbackCollector(daemon_families(lambda: daemons)))
     pricer = Pricer(PriceCatalog.for_settings(settings), registry)
-    gateway = Gateway(router, recorder, settings.gateway, settings.recorder, metrics, pricer)
+    limits = Limits(settings, engine)
+    gateway = Gateway(
+        router, recorder, settings.gateway, settings.recorder, metrics, pricer, limits
+    )
     keystore = KeyStore(engine, redis_url=settings.redis_url, cache_s=settings.auth.key_cache_s)
     admin_secret = env.get(settings.auth.admin_key_env) if settings.auth.admin_key_env else None
     state = KeelState(settings, engine, recorder, providers, router, registry, metrics, daemons)
@@ -165,6 +173,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(migrate, engine)
         await keystore.start()
+        await limits.start()
         recorder.start()
         for p in providers.values():
             try:
@@ -184,6 +193,8 @@ def create_app(
                     await p.aclose()
                 with contextlib.suppress(Exception):
                     await p.close_session()
+            with contextlib.suppress(Exception):
+                await limits.aclose()
             await asyncio.to_thread(recorder.stop)
             with contextlib.suppress(Exception):
                 await keystore.aclose()
@@ -227,6 +238,7 @@ def create_app(
     app.include_router(alerts_api.make_router(engine, settings.alerts, dispatcher))
     app.include_router(auth_api.make_router(keystore, engine))
     app.include_router(costs_api.make_router(engine))
+    app.include_router(limits_mod.make_router(limits))
     # Outermost: nothing runs for a request that has no valid key.
     app.add_middleware(
         AuthMiddleware,
@@ -248,12 +260,13 @@ def create_app(
         except Exception as e:
             store_ok, store_err = False, f"{type(e).__name__}: {e}"[:300]
         avail = {n: p.available for n, p in providers.items()}
-        ok = store_ok and any(avail.values())
+        ok = store_ok and any(avail.values()) and limits.ready
         body = {
             "status": "ready" if ok else "not ready",
             "store": {"ok": store_ok, "error": store_err},
             "providers": avail,
             "recorder": {"queue_depth": recorder.queue_depth, **asdict(recorder.stats)},
+            "limits": limits.status(),
         }
         return Response(
             orjson.dumps(body), status_code=200 if ok else 503, media_type="application/json"

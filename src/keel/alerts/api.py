@@ -21,6 +21,7 @@ from keel.store.tables import alert_events, alert_rules, alert_silences, alert_s
 
 def check_rule(rule: RuleSettings, settings: AlertsSettings) -> None:
     """Signal known, labels valid, channels configured; raises ValueError naming the field."""
+    import keel.alerts.budget_signal  # noqa: F401
     from keel.alerts.sources import validate_rule
 
     validate_rule(rule)
@@ -36,6 +37,7 @@ def validate_alert_config(settings: AlertsSettings, source: str = "configuration
     """Reject rules whose signal or labels are unknown, naming the rule and the field.
 
     (Channels and duplicates are already checked by the schema.)"""
+    import keel.alerts.budget_signal  # noqa: F401  (registers budget_used_percent)
     from keel.alerts.sources import validate_rule
     from keel.errors import ConfigError
 

@@ -169,6 +169,8 @@ class Call:
     otel_trace_id: str | None = None
     otel_parent_span_id: str | None = None
     otel_span_id: str | None = None
+    admission: Any = None  # from the limits, settled when the trace is recorded
+    cache_hit: bool | None = None
 
     def join_trace(self, traceparent: str | None) -> None:
         """Make this call a span of the caller's OpenTelemetry trace, if it sent one."""
@@ -256,6 +258,7 @@ def make_trace(
         "cached_tokens": cached,
         "cache_write_tokens": cache_write,
         "reasoning_tokens": reasoning,
+        "cache_hit": call.cache_hit,
     }
 
 

@@ -12,7 +12,9 @@ answer on every replica (clocks are NTP-synchronised; the window number comes
 from the caller's clock so the in-memory backend behaves identically). The cost
 is the usual fixed-window burst: up to twice the limit across a minute boundary.
 TPM is enforced on the next request: a call is refused once the tokens already
-used in the current minute reached the limit.
+used in the current minute (counted in the minute a call ends) reached the limit.
+Hard budgets likewise see spend once calls end: calls already in flight when a
+budget runs out still finish, so a burst can overshoot by what it was spending.
 
 Spend is counted in integer nano-dollars (exact sums, so "spent == limit" is an
 exact boundary) per (scope, value, period), in counters named by the period's

@@ -9,11 +9,12 @@ replaces each finding with ``[REDACTED:KIND]``. Detection is usable on its own
 a :attr:`keel.store.recorder.Recorder.enrichers` callable: it runs in the
 writer thread, never on the request path.
 
-Every detector is a regex that finds candidates cheaply (no match costs one
-scan of the text) followed, where a format has one, by a checksum or a parser
-on the candidate only: Luhn for cards, ISO 7064 mod 97 for IBANs,
-:mod:`ipaddress` for IPv6. Built-in detectors run one after another on the
-text left by the previous ones, so a span is never counted twice.
+Every detector is a regex that finds candidates cheaply (a text without any
+costs one scan in C) followed, only on a candidate, by a checksum or a parser
+where the format has one: Luhn for cards, ISO 7064 mod 97 for IBANs,
+:mod:`ipaddress` for IPv6. Detectors run one after another on the text left by
+the previous ones (custom patterns, then e-mail, IPv6, and the numeric kinds
+together), so a span is never counted twice.
 
 The start-of-finding rules also accept the position right after a JSON escape
 (``\\n``, ``\\u00e9``), because a truncated body keeps the first characters of
@@ -30,6 +31,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+
+from keel.errors import ConfigError
 
 if TYPE_CHECKING:
     from keel.config import Settings
@@ -60,7 +63,7 @@ _EMAIL = re.compile(r"@(?:[\w\-]+\.)+[^\W\d_]{2,63}(?![\w\-])")
 _EMAIL_LOCAL = frozenset("._%+-")
 
 # The numeric detectors (IBAN, card, IPv4, phone) are written as what follows
-# their first character, so that one scan (_numeric_gate) can find where any
+# their first character, so that one scan (_numeric) can find where any
 # of them may start; the full patterns then only run at those few places.
 
 # An IBAN is found by its first check digit; the country code is checked behind.
@@ -101,6 +104,7 @@ _IPV6 = re.compile(
 )
 _HEXCOLON = frozenset("0123456789abcdefABCDEF:")
 _WORD = re.compile(r"\w", re.ASCII)
+_U_ESCAPE = re.compile(r"\\u[0-9A-Fa-f]{4}")
 _ESCAPE_BEFORE = re.compile(r"(?:\\[nrtbf]|\\u[0-9A-Fa-f]{4})$")
 
 _GROUPS = re.compile(r"[0-9]+", re.ASCII)
@@ -165,14 +169,30 @@ def _email_span(m: re.Match[str], text: str, lo: int) -> Span:
     at = m.start()
     start = at
     floor = max(lo, at - 256)
-    while start > floor and (text[start - 1].isalnum() or text[start - 1] in _EMAIL_LOCAL):
-        start -= 1
-    if start > 0 and text[start - 1] == "\\":  # "\nbob@…" in a truncated body
-        if text[start] in "nrtbf":
-            start += 1
-        elif text[start] == "u" and _ESCAPE_BEFORE.search(text, 0, start + 5):
-            start += 5
+    while start > floor:
+        c = text[start - 1]
+        if c.isalnum() or c in _EMAIL_LOCAL:
+            start -= 1
+        elif c == "\\" and _U_ESCAPE.match(text, start - 1) and _escapes(text, start - 1):
+            start -= 1  # "Jos\u00e9@…" in a truncated body: é is part of the address
+        else:
+            break
+    if (
+        0 < start < at
+        and text[start] in "nrtbf"
+        and text[start - 1] == "\\"
+        and _escapes(text, start - 1)
+    ):
+        start += 1  # "\nbob@…": the n belongs to the escape, not to the address
     return (start, m.end()) if start < at else None
+
+
+def _escapes(text: str, i: int) -> bool:
+    """True when the backslash at ``i`` starts an escape (is not itself escaped)."""
+    j = i
+    while j > 0 and text[j - 1] == "\\":
+        j -= 1
+    return (i - j) % 2 == 0
 
 
 def _card_span(m: re.Match[str], text: str, lo: int) -> Span:
@@ -226,7 +246,11 @@ def _ipv6_span(m: re.Match[str], text: str, lo: int) -> Span:
         start -= 1
     # From the start of the hex/colon run, or else from just after one of its
     # colons ("IP:2001:db8::1").
-    if start and _WORD.match(text, start - 1) and not _ESCAPE_BEFORE.search(text, 0, start):
+    if (
+        start
+        and _WORD.match(text, start - 1)
+        and not _ESCAPE_BEFORE.search(text, max(0, start - 6), start)
+    ):
         starts = []
     else:
         starts = [start]
@@ -376,7 +400,6 @@ def _builtins(skip: set[str]) -> list[_Detector]:
 
 
 _SEP = "\x00"  # joins a JSON document's strings; no built-in detector spans it
-_BIG_INT = re.compile(r"[0-9]{20,}", re.ASCII)
 
 
 class Redactor:
@@ -388,9 +411,15 @@ class Redactor:
     """
 
     def __init__(self, patterns: dict[str, str] | None = None) -> None:
-        custom = [
-            _single(name.upper(), re.compile(rx), _whole) for name, rx in (patterns or {}).items()
-        ]
+        custom = []
+        for name, rx in (patterns or {}).items():
+            try:
+                compiled = re.compile(rx)
+            except re.error as e:
+                raise ConfigError(
+                    f"redaction.patterns.{name}: not a valid regular expression: {e}"
+                ) from None
+            custom.append(_single(name.upper(), compiled, _whole))
         names = {d.kinds[0] for d in custom}
         self._detectors = custom + _builtins(names)
         self._labels = {k: f"[REDACTED:{k}]" for d in self._detectors for k in d.kinds}
@@ -453,9 +482,10 @@ class Redactor:
         _collect(obj, strings)
         if not strings:
             return obj, {}
-        if not any(_SEP in s for s in strings):
+        joined = _SEP.join(strings)
+        if joined.count(_SEP) == len(strings) - 1:
             # One scan over all the values costs far less than one per value.
-            red, counts = self.redact(_SEP.join(strings))
+            red, counts = self.redact(joined)
             if not counts:
                 return obj, counts
             parts = red.split(_SEP)
@@ -481,15 +511,17 @@ class Redactor:
         """
         if not text:
             return text, {}
-        exact = _BIG_INT.search(text) is not None  # orjson turns >64-bit ints into floats
         try:
-            obj = json.loads(text) if exact else orjson.loads(text)
+            obj = orjson.loads(text)
         except ValueError:
             return self.redact(text)
         new, counts = self.redact_obj(obj)
         if not counts:
             return text, counts
-        if exact:
+        if _has_huge_float(obj):
+            # orjson reads integers beyond 64 bits as floats: read it again
+            # exactly, so that redaction changes nothing but strings.
+            new, counts = self.redact_obj(json.loads(text))
             return json.dumps(new, ensure_ascii=False, separators=(",", ":")), counts
         return orjson.dumps(new).decode(), counts
 
@@ -503,6 +535,17 @@ def _collect(obj: Any, out: list[str]) -> None:
     elif isinstance(obj, list):
         for v in obj:
             _collect(v, out)
+
+
+def _has_huge_float(obj: Any) -> bool:
+    # Where orjson read an integer beyond 64 bits (or a float that large).
+    if isinstance(obj, float):
+        return abs(obj) >= 9.2e18  # 2**63
+    if isinstance(obj, dict):
+        return any(_has_huge_float(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_has_huge_float(v) for v in obj)
+    return False
 
 
 def _rebuild(obj: Any, parts: Any) -> Any:
@@ -548,9 +591,11 @@ class CaptureEnricher:
     def __init__(
         self, *, default_mode: str, mode_by_alias: dict[str, str], redactor: Redactor
     ) -> None:
-        for where, mode in [("default_mode", default_mode), *mode_by_alias.items()]:
+        pairs = [("redaction.default_capture", default_mode)]
+        pairs += [(f"models.{alias}.capture", mode) for alias, mode in mode_by_alias.items()]
+        for where, mode in pairs:
             if mode not in CAPTURE_MODES:
-                raise ValueError(
+                raise ConfigError(
                     f"{where}: capture mode must be one of {', '.join(CAPTURE_MODES)}, not {mode!r}"
                 )
         self.default_mode = default_mode

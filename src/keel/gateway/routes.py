@@ -117,9 +117,11 @@ class Gateway:
         recording: RecorderSettings,
         metrics: GatewayMetrics | None = None,
         pricer: Any = None,
+        limits: Any = None,
     ) -> None:
         self.router = router
         self.pricer = pricer
+        self.limits = limits
         registry = metrics.inflight if metrics is not None else None
         self._inflight_chat = registry.labels("chat") if registry is not None else None
         self._inflight_embed = registry.labels("embeddings") if registry is not None else None
@@ -161,6 +163,11 @@ class Gateway:
             if self.pricer is not None:
                 self.pricer.price(rec)  # ≈ 0.7 µs; budgets need the cost right away
             self.recorder.record(rec)
+            adm = kw["call"].admission
+            if adm is not None and self.limits is not None:
+                self.limits.settle(
+                    adm, tokens=rec.get("total_tokens") or 0, cost_usd=rec.get("cost_usd")
+                )
             return rec
         except Exception:
             log.exception("could not record trace")
@@ -200,8 +207,16 @@ class Gateway:
                     f"'{alias.name}' is an embedding model; use /v1/embeddings", param="model"
                 )
             attribution.key_id = _check_key(request, alias.name)
+            call.admission = await self._admit(request, alias.name, attribution)
         except KeelError as e:
-            return error_response(e, call.id)
+            return _refusal(e, call.id)
+        cache_key = None
+        ttl = alias.settings.cache_ttl_s if alias.settings is not None else None
+        if ttl and self.limits is not None:
+            cache_key = self.limits.cache.key(alias.name, body)
+            hit = await self.limits.cache.get(cache_key)
+            if hit is not None:
+                return self._cached(call, alias, body, raw, attribution, hit)
         if body.get("stream"):
             return await self._stream(call, alias, body, raw, attribution, gauge)
         last: list[Deployment] = []
@@ -241,12 +256,79 @@ class Gateway:
             estimated_tokens=est,
             **_common(alias, outcome.deployment, attribution, outcome.attempts, outcome.tried),
         )
+        if cache_key is not None and ttl:
+            self.limits.cache.put(cache_key, out, ttl)
         return Response(out, media_type=JSON, headers={TRACE_HEADER: call.id})
 
     def _resp_text(self, out: bytes) -> str | None:
         if not self.capture:
             return None
         return clip_body(out.decode("utf-8", "replace"), self.max_chars)
+
+    async def _admit(self, request: Request, alias: str, attribution: Attribution) -> Any:
+        """Rate limits and hard budgets for this call (429 when over), counted now."""
+        if self.limits is None:
+            return None
+        p = getattr(request.state, "keel_principal", None)
+        return await self.limits.admit(
+            key_id=p.id if p else None,
+            key_name=p.name if p else None,
+            key_rpm=p.rpm if p else None,
+            key_tpm=p.tpm if p else None,
+            key_budget=(p.budget_usd, p.budget_period or "month") if p and p.budget_usd else None,
+            alias=alias,
+            user=attribution.user,
+            feature=attribution.feature,
+        )
+
+    def _cached(
+        self,
+        call: Call,
+        alias: Alias,
+        body: dict[str, Any],
+        raw: bytes,
+        attribution: Attribution,
+        hit: bytes,
+    ) -> Response:
+        """Answer from the response cache: recorded as a hit, priced at 0."""
+        call.cache_hit = True
+        resp = orjson.loads(hit)
+        usage = resp.get("usage") if isinstance(resp.get("usage"), dict) else None
+        dep = alias.deployments[0]
+        common = _common(alias, dep, attribution, 1)
+        if self.pricer is not None and usage:
+            saved = self.pricer.catalog.cost(
+                dep.provider.name,
+                dep.model,
+                prompt_tokens=usage.get("prompt_tokens") or 0,
+                completion_tokens=usage.get("completion_tokens") or 0,
+                started_at_ms=call.started_at_ms,
+            )
+            if saved is not None:
+                common["attribution"].tags = {
+                    **common["attribution"].tags,
+                    "_cache_saved_usd": f"{saved:.8f}",
+                }
+        stream = bool(body.get("stream"))
+        call.mark_first_token()
+        self._record(
+            call=call,
+            stream=stream,
+            http_status=200,
+            request_body=self._req_text(raw),
+            response_body=self._resp_text(hit),
+            usage=usage,
+            **common,
+        )
+        headers = {TRACE_HEADER: call.id, "x-keel-cache": "hit"}
+        if not stream:
+            return Response(hit, media_type=JSON, headers=headers)
+        opts = body.get("stream_options") or {}
+        return StreamingResponse(
+            _replay_sse(resp, bool(opts.get("include_usage"))),
+            media_type="text/event-stream",
+            headers=headers,
+        )
 
     async def _stream(
         self,
@@ -410,8 +492,9 @@ class Gateway:
             if alias.kind != "embedding" and not alias.deployments[0].provider.supports_embeddings:
                 raise InvalidRequest(f"'{alias.name}' does not serve embeddings", param="model")
             attribution.key_id = _check_key(request, alias.name)
+            call.admission = await self._admit(request, alias.name, attribution)
         except KeelError as e:
-            return error_response(e, call.id)
+            return _refusal(e, call.id)
         last: list[Deployment] = []
         try:
             resp, outcome = await with_failover(
@@ -525,6 +608,66 @@ class Gateway:
             response_class=Response,
         )
         return r
+
+
+def _refusal(e: KeelError, trace_id: str) -> Response:
+    """An error before any upstream call, with the headers clients need to react."""
+    resp = error_response(e, trace_id)
+    retry_after = getattr(e, "retry_after_s", None)
+    if retry_after is not None:
+        resp.headers["retry-after"] = str(max(1, int(retry_after + 0.999)))
+    if e.type == "insufficient_quota":
+        # OpenAI SDKs retry 429s unless told not to; a spent budget will not heal soon.
+        resp.headers["x-should-retry"] = "false"
+    elif e.status == 503:
+        resp.headers["retry-after"] = "5"
+    return resp
+
+
+async def _replay_sse(resp: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
+    """A cached chat.completion, sent as the stream a client asked for."""
+    base = {
+        "id": resp.get("id"),
+        "object": "chat.completion.chunk",
+        "created": resp.get("created"),
+        "model": resp.get("model"),
+    }
+    for i, ch in enumerate(resp.get("choices") or []):
+        msg = ch.get("message") or {}
+        delta = {"role": msg.get("role", "assistant"), "content": msg.get("content") or ""}
+        if msg.get("tool_calls"):
+            delta["tool_calls"] = [{**tc, "index": j} for j, tc in enumerate(msg["tool_calls"])]
+        yield (
+            b"data: "
+            + orjson.dumps(
+                {
+                    **base,
+                    "choices": [
+                        {"index": ch.get("index", i), "delta": delta, "finish_reason": None}
+                    ],
+                }
+            )
+            + b"\n\n"
+        )
+        yield (
+            b"data: "
+            + orjson.dumps(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": ch.get("index", i),
+                            "delta": {},
+                            "finish_reason": ch.get("finish_reason", "stop"),
+                        }
+                    ],
+                }
+            )
+            + b"\n\n"
+        )
+    if include_usage and resp.get("usage"):
+        yield b"data: " + orjson.dumps({**base, "choices": [], "usage": resp["usage"]}) + b"\n\n"
+    yield b"data: [DONE]\n\n"
 
 
 def _check_key(request: Request, alias: str) -> str | None:
