@@ -60,6 +60,8 @@ def up(host: str | None, port: int | None, data_dir: str | None, config: str | N
     logging.basicConfig(
         level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if s.log_level != "debug":  # migrations are logged at INFO, line by line
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     # The recorder's writer thread holds the GIL while it prepares a batch; with
     # the default 5 ms switch interval the event loop could wait that long for
     # it. 0.5 ms keeps the gateway's tail latency low (bench/gateway_overhead.py).
