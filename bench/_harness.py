@@ -98,10 +98,14 @@ class Conn:
         self.r, self.w = await asyncio.open_connection("127.0.0.1", self.port)
         return self
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def post(self, path: str, body: bytes, headers: bytes = b"") -> tuple[int, bytes]:
+        """``headers``: extra raw header lines, each ending with CRLF."""
         self.w.write(
-            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: bench\r\n"
-            b"Content-Type: application/json\r\nContent-Length: "
+            b"POST "
+            + path.encode()
+            + b" HTTP/1.1\r\nHost: bench\r\n"
+            + headers
+            + b"Content-Type: application/json\r\nContent-Length: "
             + str(len(body)).encode()
             + b"\r\n\r\n"
             + body
