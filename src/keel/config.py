@@ -735,6 +735,36 @@ def reference_rows() -> list[tuple[str, str, str, str, str]]:
                 sf.description or "",
             )
         )
+    for sub, sf in ModelAliasSettings.model_fields.items():
+        if sub in ("deployments", "circuit_breaker"):
+            continue
+        rows.append(
+            (
+                f"models.ALIAS.{sub}",
+                "(yaml only)",
+                typename(sf.annotation),
+                _default(sf),
+                sf.description or "",
+            )
+        )
+    for prefix, model in (
+        ("models.ALIAS.circuit_breaker", CircuitBreakerSettings),
+        ("budgets[]", BudgetSettings),
+        ("prices[]", PriceSettings),
+        ("prices[].tiers[]", PriceTier),
+    ):
+        for sub, sf in model.model_fields.items():
+            if sub == "tiers":
+                continue
+            rows.append(
+                (
+                    f"{prefix}.{sub}",
+                    "(yaml only)",
+                    typename(sf.annotation),
+                    _default(sf),
+                    sf.description or "",
+                )
+            )
     for prefix, model in (
         ("alerts.channels.NAME", ChannelSettings),
         ("alerts.rules[]", RuleSettings),
