@@ -427,8 +427,8 @@ class BudgetSettings(_Section):
 
 class PriceTier(_Section):
     above_tokens: int = Field(ge=0, description="Prompts longer than this use this tier.")
-    input_per_mtok: float = Field(ge=0)
-    output_per_mtok: float = Field(ge=0)
+    input_per_mtok: float = Field(ge=0, description="USD per million input tokens in this tier.")
+    output_per_mtok: float = Field(ge=0, description="USD per million output tokens in this tier.")
 
 
 class PriceSettings(_Section):
