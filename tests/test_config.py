@@ -134,3 +134,17 @@ def test_version_and_help():
     ):
         r = CliRunner().invoke(cli, sub)
         assert r.exit_code == 0 and "Usage:" in r.output
+
+
+def test_readme_settings_table_is_current():
+    """The README's reference is `keel config reference`, regenerated, not hand-kept."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("| keel.yaml | environment | type | default | meaning |")
+    table = readme[start : readme.index("\n\n## HTTP API", start)]
+    res = CliRunner().invoke(cli, ["config", "reference"])
+    expected = res.output.strip()
+    for t in ("str", "float", "int"):
+        expected = expected.replace(f"| {t} | None |", f"| {t} \\| None |")
+    assert table == expected, "run `keel config reference` and paste it into README.md"
