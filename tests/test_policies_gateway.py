@@ -118,3 +118,29 @@ def test_redis_down_fail_closed_refuses(keel_factory):
     r = post(keel, secret)
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
     assert httpx.get(keel.url + "/readyz").status_code == 503
+
+
+def test_capture_modes_redact_before_storage(keel_factory):
+    keel = keel_factory(
+        models={
+            "gpt": {"capture": "redacted", "deployments": [{"provider": "fake", "model": "fake"}]},
+            "quiet": {
+                "capture": "metadata-only",
+                "deployments": [{"provider": "fake", "model": "fake"}],
+            },
+            "claude": "claude/fake-claude",
+        }
+    )
+    pii = "mail jane.doe@example.com or call +44 20 7946 0958, card 4111 1111 1111 1111"
+    for model in ("gpt", "quiet", "claude"):
+        r = post(keel, body={"model": model, "messages": [{"role": "user", "content": pii}]})
+        assert r.status_code == 200 and "jane.doe@example.com" in r.text  # caller sees all
+    rows = {t["model"]: t for t in keel.rows()}
+    red = rows["gpt"]
+    assert "jane.doe@example.com" not in red["request_body"] + red["response_body"]
+    assert "[REDACTED:EMAIL]" in red["request_body"]
+    assert "4111" not in red["request_body"]
+    assert "_redacted" in json.loads(red["tags"])
+    assert rows["quiet"]["request_body"] is None and rows["quiet"]["response_body"] is None
+    assert rows["quiet"]["total_tokens"] > 0  # metadata kept
+    assert "jane.doe@example.com" in rows["claude"]["request_body"]  # full by default

@@ -34,6 +34,7 @@ from keel.errors import InvalidRequest, KeelError, NotFound
 from keel.gateway import limits as limits_mod
 from keel.gateway.limits import Limits
 from keel.gateway.providers.base import PROVIDER_KINDS, Provider
+from keel.gateway.redact import CaptureEnricher
 from keel.gateway.router import Router
 from keel.gateway.routes import Gateway, error_response
 from keel.monitoring import api as metrics_api
@@ -137,6 +138,9 @@ def create_app(
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     recorder.observers.append(metrics.observe)
+    capture = CaptureEnricher.from_settings(settings)
+    if capture.active:  # redaction and capture modes, in the writer thread
+        recorder.enrichers.append(capture)
     daemons: list[Any] = [
         ResourceSampler(
             engine, registry, interval_s=settings.monitoring.sample_interval_s, recorder=recorder

@@ -72,21 +72,42 @@ _IBAN_TAIL = (
     r"(?:(?<![A-Za-z0-9\\]...)|(?<=\\[nrtbf]...)|(?<=\\u[0-9A-Fa-f]{4}...))"
     r"[0-9](?:[ ]?[A-Za-z0-9]){11,30}"
 )
-# Backtracking is bounded (at most 7 lengths) and lets a card followed by
-# another number still end where its own digits end.
-_CARD_TAIL = r"(?<=[0-9])" + _NUM + r"(?:[ \-]?[0-9]){12,18}(?![\w\-]|\.[0-9])"
+# A card starts with 2-6 (see _card_span), and its groups have 3 digits or more
+# (4-4-4-4, 4-6-5, 4-4-4-4-3). Backtracking is bounded (at most 7 lengths) and
+# lets a card followed by another number still end where its own digits end.
+_CARD_TAIL = r"(?<=[2-6])" + _NUM + r"(?:(?:[ \-](?=[0-9]{3}))?[0-9]){12,18}(?![\w\-]|\.[0-9])"
 _IPV4_TAIL = r"(?<=[0-9])" + _after_first(r"\w.") + r"[0-9]{0,2}(?:\.[0-9]{1,3}){3}(?![\w]|\.[0-9])"
-# Digit runs are atomic and separators between runs are required, so a
-# candidate is found in linear time; the shape rules are in _phone_shape_ok.
-# Each branch first looks ahead for its least number of digits, so the many
-# short numbers of ordinary text are dismissed in C.
+# A national number starts with a trunk 0, or has one of these shapes (after
+# its first digit): US/CA 555-123-4567 and 1-800-555-1234, CN 138 0013 8000,
+# IN 98765 43210, and (4,3,4), (2,4,4). Checked in the regex, so that rows of
+# numbers ("98 87 92 85 77 …") cost no Python call per number.
+_NAT_SHAPES = "|".join(
+    f"{first}{rest}(?![0-9])"
+    for first, rest in [
+        ("[0-9]{2}", "[ ./-][0-9]{3}[ ./-][0-9]{4}"),
+        ("(?<=1)", "[ ./-][0-9]{3}[ ./-][0-9]{3}[ ./-][0-9]{4}"),
+        ("[0-9]{2}", "[ ./-][0-9]{4}[ ./-][0-9]{4}"),
+        ("[0-9]{4}", "[ ./-][0-9]{5}"),
+        ("[0-9]{3}", "[ ./-][0-9]{3}[ ./-][0-9]{4}"),
+        ("[0-9]", "[ ./-][0-9]{4}[ ./-][0-9]{4}"),
+    ]
+)
+# Digit runs are atomic, separators between runs are required and a candidate
+# is at most 8 groups of at most 15 digits: found in bounded time whatever
+# follows ("1 1 1 1 …" must not cost a scan of the rest at every group). The
+# shape rules are in _phone_shape_ok. Each branch first looks ahead for its
+# least number of digits, so the many short numbers of ordinary text are
+# dismissed in C.
 _PHONE_TAIL = (
     _NUM
     + r"(?:(?<=\+)(?=(?:[ .\-()]{0,2}[0-9]){8})"
-    + r"(?P<intl>[0-9](?>[0-9]*)(?:[ .\-]?\([0-9]{1,5}\))?(?>(?:[ .\-][0-9]+)*))"
+    + r"(?P<intl>(?>[0-9]{1,15})(?:[ .\-]?\([0-9]{1,5}\))?(?>(?:[ .\-][0-9]{1,15}){0,7}))"
     + r"|(?<=\()(?=(?:[ .\-)]{0,2}[0-9]){8})"
-    + r"(?P<paren>[0-9]{1,5}\)(?>[ .\-]?[0-9]+)(?>(?:[ .\-][0-9]+)*))"
-    + r"|(?<=[0-9])(?=(?:[ ./\-]?[0-9]){8})(?P<nat>(?>[0-9]*)(?>(?:[ ./\-][0-9]+)+))"
+    + r"(?P<paren>[0-9]{1,5}\)(?>[ .\-]?[0-9]{1,15})(?>(?:[ .\-][0-9]{1,15}){0,6}))"
+    + r"|(?<=[0-9])(?:(?<=0)(?=(?:[ ./\-]?[0-9]){8})|(?="
+    + _NAT_SHAPES
+    + "))"
+    + r"(?P<nat>(?>[0-9]{0,14})(?>(?:[ ./\-][0-9]{2,15}){1,7}))"
     + r")(?!\w)"
 )
 _IBAN = re.compile(r"[0-9]" + _IBAN_TAIL, re.ASCII)
@@ -94,9 +115,10 @@ _CARD = re.compile(r"[0-9]" + _CARD_TAIL, re.ASCII)
 _IPV4 = re.compile(r"[0-9]" + _IPV4_TAIL, re.ASCII)
 _PHONE = re.compile(r"[+(0-9]" + _PHONE_TAIL, re.ASCII)
 
-# Found by ":…:" (there is one in every IPv6 address: "::" or a middle group),
-# then matched from the start of the hex/colon run (_ipv6_span).
-_IPV6_HINT = re.compile(r":[0-9A-Fa-f]{0,4}:")
+# Found by ":…:" (every IPv6 address has one: "::" or a middle group), taken
+# with the rest of its hex/colon/dot run so that a rejected run is skipped
+# whole; then matched from the start of the run (_ipv6_span).
+_IPV6_HINT = re.compile(r":[0-9A-Fa-f]{0,4}:[0-9A-Fa-f:.]*")
 _IPV6 = re.compile(
     r"(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|[0-9]{1,3}(?:\.[0-9]{1,3}){3})?"
     r"(?![\w:]|\.[0-9])",
@@ -113,8 +135,7 @@ _DATE_PREFIX = re.compile(
     r"|(?:0?[1-9]|[12][0-9]|3[01])[./\-](?:0?[1-9]|1[0-2])[./\-](?:19|20)[0-9]{2})(?![0-9])",
     re.ASCII,
 )
-# National shapes accepted without a trunk "0": US/CA 555-123-4567 (and with a
-# leading 1), CN 138 0013 8000, IN 98765 43210.
+# The same shapes, as group lengths (for the trailing-group trimming).
 _NATIONAL_SHAPES = {(3, 3, 4), (1, 3, 3, 4), (3, 4, 4), (5, 5), (4, 3, 4), (2, 4, 4)}
 
 _DIGIT = re.compile(r"[0-9]", re.ASCII)
@@ -239,22 +260,26 @@ def _iban_span(m: re.Match[str], text: str, lo: int) -> Span:
 
 
 def _ipv6_span(m: re.Match[str], text: str, lo: int) -> Span:
-    hint = m.start()
+    hint, end = m.span()
+    # The hint is the run's first ":h:" or "::", so at most one group (4 hex
+    # digits) of an address lies before it.
     start = hint
-    floor = max(lo, hint - 40)
+    floor = max(lo, hint - 4)
     while start > floor and text[start - 1] in _HEXCOLON:
         start -= 1
-    # From the start of the hex/colon run, or else from just after one of its
-    # colons ("IP:2001:db8::1").
-    if (
+    if end - start > 90:  # two addresses at most; anything longer is not one
+        return None
+    # From the start of the run, or just after its first colon when a label
+    # comes before it ("IP:2001:db8::1").
+    starts = []
+    if not (
         start
         and _WORD.match(text, start - 1)
         and not _ESCAPE_BEFORE.search(text, max(0, start - 6), start)
     ):
-        starts = []
-    else:
-        starts = [start]
-    starts += [k + 1 for k in range(start, hint + 1) if text[k] == ":"]
+        starts.append(start)
+    if text[start] == ":" and text[start + 1] != ":":
+        starts.append(start + 1)
     for s in starts:
         c = _IPV6.match(text, s)
         if c is not None and _ipv6_ok(c.group()):
@@ -450,7 +475,9 @@ class Redactor:
             pos = at = 0
             find = det.find
             search = det.rx.search
-            while m := search(text, at):
+            size = len(text)
+            # (search clamps a start past the end, so an empty match there recurs)
+            while at <= size and (m := search(text, at)):
                 hit = find(m, text, pos)
                 if hit is None:
                     at = m.start() + 1 if det.rescan else max(m.end(), m.start() + 1)
