@@ -17,7 +17,6 @@ from conftest import KeelServer, make_settings
 from keel._ids import new_id
 from keel.config import PriceSettings
 from keel.costs import PriceCatalog, Pricer
-from keel.costs import api as costs_api
 from keel.costs.catalog import load_catalog
 from keel.costs.cli import costs
 from keel.costs.reports import linear_fit
@@ -389,9 +388,6 @@ def report_keel(request, fake, tmp_path):
     if request.param == "postgres":
         over["database_url"] = request.getfixturevalue("pg_url")
     server = KeelServer(make_settings(fake, tmp_path / "data", **over))
-    paths = {getattr(r, "path", None) for r in server.app.routes}
-    if "/api/costs" not in paths:  # until app.py includes the router
-        server.app.include_router(costs_api.make_router(server.state.engine))
     pricer = Pricer(PriceCatalog.for_settings(server.settings), CollectorRegistry())
     server.state.recorder.enrichers.insert(0, pricer.enrich)
     server.start()

@@ -94,6 +94,7 @@ def test_phone(r, text):
         "it takes 3-5 days",
         "scores 98 87 92 85 77",
         "+5 - 3",
+        "ref 0000 1111 2222 3333",
         "1e+10",
         "123e4567-e89b-12d3-a456-426614174000",
     ],
@@ -108,6 +109,22 @@ def test_phone_followed_by_another_number_keeps_that_number(r):
         {"PHONE": 1},
     )
     assert r.redact("on 2024-01-15 call 555-123-4567")[0] == "on 2024-01-15 call [REDACTED:PHONE]"
+    assert r.redact("+1 555 123 4567 2 times")[0] == "[REDACTED:PHONE] 2 times"
+    assert r.redact("555-123-4567 555-123-4567")[1] == {"PHONE": 2}
+    assert r.redact("+44 20 7946 0958 2024-01-01")[0] == "[REDACTED:PHONE] 2024-01-01"
+    assert r.redact("020 7946 0958 2024 was")[0] == "[REDACTED:PHONE] 2024 was"
+    assert r.redact("(555) 123-4567 10.0.0.1 +44 20 7946 0958 12:30 3.5") == (
+        "[REDACTED:PHONE] [REDACTED:IPV4] [REDACTED:PHONE] 12:30 3.5",
+        {"PHONE": 2, "IPV4": 1},
+    )
+    assert r.redact("row 12 4111 1111 1111 1111")[0] == "row 12 [REDACTED:CREDIT_CARD]"
+    assert r.redact("06 12 34 56 78 24h/24, 555-123-4567 5pm")[0] == (
+        "[REDACTED:PHONE] 24h/24, [REDACTED:PHONE] 5pm"
+    )
+    assert r.redact("(555) 123-4567 06 12 34 56 78") == (
+        "[REDACTED:PHONE] [REDACTED:PHONE]",
+        {"PHONE": 2},
+    )
 
 
 @pytest.mark.parametrize(
@@ -266,6 +283,33 @@ def test_no_pii_returns_the_same_string(r):
     red, counts = r.redact(text)
     assert red is text and counts == {}
     assert r.redact("") == ("", {})
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "1 ",
+        "12 ",
+        "1-",
+        "1.",
+        "7",
+        ":",
+        "a:",
+        "a@",
+        "a@b.",
+        "+1 ",
+        "(1) ",
+        "DE89 ",
+        "4111 ",
+        "\\n1",
+    ],
+)
+def test_pathological_input_costs_linear_time(r, unit):
+    # 50 000 characters of one repeated unit: quadratic work would take minutes.
+    text = unit * (50_000 // len(unit))
+    t0 = time.perf_counter()
+    r.redact(text)
+    assert time.perf_counter() - t0 < 2.0
 
 
 def test_finding_after_a_json_escape(r):
@@ -624,6 +668,7 @@ def test_recorder_stores_only_what_the_capture_mode_allows(tmp_path, enricher):
 
     meta = rows["meta"]
     assert meta.request_body is None and meta.response_body is None
+    assert not any(p in meta.error_message + meta.tags for p in pii)
     assert meta.error_message == "bad card [REDACTED:CREDIT_CARD] from [REDACTED:IPV4]"
     assert meta.prompt_tokens == 20
 

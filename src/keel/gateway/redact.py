@@ -92,6 +92,17 @@ _NAT_SHAPES = "|".join(
         ("[0-9]", "[ ./-][0-9]{4}[ ./-][0-9]{4}"),
     ]
 )
+
+
+def _groups(seps: str, digits: int, least: int, most: int) -> str:
+    # The further groups of a phone number. A group that begins a decimal, a
+    # dotted number or a time ("… 10.0.0.1", "… 3.5", "… 12:30") is not one.
+    return (
+        rf"(?:{seps}[0-9]{{{digits},15}}+(?![.:][0-9])|\.[0-9]{{{digits},15}}+(?!:[0-9]))"
+        rf"{{{least},{most}}}"
+    )
+
+
 # Digit runs are atomic, separators between runs are required and a candidate
 # is at most 8 groups of at most 15 digits: found in bounded time whatever
 # follows ("1 1 1 1 …" must not cost a scan of the rest at every group). The
@@ -101,14 +112,20 @@ _NAT_SHAPES = "|".join(
 _PHONE_TAIL = (
     _NUM
     + r"(?:(?<=\+)(?=(?:[ .\-()]{0,2}[0-9]){8})"
-    + r"(?P<intl>(?>[0-9]{1,15})(?:[ .\-]?\([0-9]{1,5}\))?(?>(?:[ .\-][0-9]{1,15}){0,7}))"
+    + r"(?P<intl>(?>[0-9]{1,15})(?:[ .\-]?\([0-9]{1,5}\))?(?>"
+    + _groups(r"[ \-]", 1, 0, 7)
+    + "))"
     + r"|(?<=\()(?=(?:[ .\-)]{0,2}[0-9]){8})"
-    + r"(?P<paren>[0-9]{1,5}\)(?>[ .\-]?[0-9]{1,15})(?>(?:[ .\-][0-9]{1,15}){0,6}))"
+    + r"(?P<paren>[0-9]{1,5}\)(?>[ .\-]?[0-9]{1,15})(?>"
+    + _groups(r"[ \-]", 1, 0, 6)
+    + "))"
     + r"|(?<=[0-9])(?:(?<=0)(?=(?:[ ./\-]?[0-9]){8})|(?="
     + _NAT_SHAPES
     + "))"
-    + r"(?P<nat>(?>[0-9]{0,14})(?>(?:[ ./\-][0-9]{2,15}){1,7}))"
-    + r")(?!\w)"
+    + r"(?P<nat>(?>[0-9]{0,14})(?>"
+    + _groups(r"[ /\-]", 2, 1, 7)
+    + "))"
+    + r")"
 )
 _IBAN = re.compile(r"[0-9]" + _IBAN_TAIL, re.ASCII)
 _CARD = re.compile(r"[0-9]" + _CARD_TAIL, re.ASCII)
@@ -312,10 +329,24 @@ def _phone_span(m: re.Match[str], text: str, lo: int) -> Span:
     s = m.group()
     spans = [g.span() for g in _GROUPS.finditer(s)]
     kind = "intl" if m.group("intl") is not None else "nat" if m.group("nat") else "paren"
-    low = 1 if kind == "intl" else 2
-    # A number may be followed by an unrelated one ("555-123-4567 2 times"):
-    # also try without trailing groups (a phone number has at most 8).
-    for k in range(min(len(spans), 8), low - 1, -1):
+    g = len(spans)
+    if _WORD.match(text, m.end()):  # "… 24h/24": the last group is part of a word
+        g -= 1
+    # A card that starts inside the candidate wins ("12 4111 1111 1111 1111").
+    for i in range(1, g):
+        c = _CARD.match(text, start + spans[i][0])
+        if c is not None and _card_span(c, text, lo) is not None:
+            g = i
+            break
+    lo_k = 1 if kind == "intl" else 2
+    # The candidate may run on into other numbers ("555-123-4567 2 times",
+    # "(555) 123-4567 06 12 34 56 78"): after the whole of it, try the
+    # prefixes that end where the separator changes, longest first, then the
+    # other prefixes.
+    seps = [s[spans[i - 1][1] : spans[i][0]] for i in range(1, g)]  # before group i
+    natural = [k for k in range(g - 1, lo_k - 1, -1) if k >= 2 and seps[k - 1] != seps[k - 2]]
+    others = [k for k in range(g - 1, lo_k - 1, -1) if k not in natural]
+    for k in [g, *natural, *others] if g >= lo_k else ():
         lens = tuple(b - a for a, b in spans[:k])
         end = spans[k - 1][1]
         if _phone_shape_ok(kind, s[:end], lens):
@@ -325,8 +356,8 @@ def _phone_span(m: re.Match[str], text: str, lo: int) -> Span:
 
 def _phone_shape_ok(kind: str, s: str, lens: tuple[int, ...]) -> bool:
     n = sum(lens)
-    if kind == "intl":
-        return 8 <= n <= 15
+    if kind == "intl":  # no format ends on a single digit: "+1 555 123 4567 2 times"
+        return 8 <= n <= 15 and (lens[-1] > 1 or len(lens) == 1)
     if kind == "paren":
         return 8 <= n <= 13
     if not 9 <= n <= 13 or min(lens[1:]) < 2 or _DATE_PREFIX.match(s):
@@ -334,7 +365,12 @@ def _phone_shape_ok(kind: str, s: str, lens: tuple[int, ...]) -> bool:
     # 12 345 678, 1.234.567.890: thousands, not a phone number.
     if lens[0] <= 3 and all(x == 3 for x in lens[1:]):
         return False
-    return s[0] == "0" or lens in _NATIONAL_SHAPES
+    # Pairs make a phone number only as five (06 12 34 56 78), not as a row.
+    if all(x == 2 for x in lens) and len(lens) != 5:
+        return False
+    if s[0] == "0":
+        return not s.startswith("000")
+    return lens in _NATIONAL_SHAPES
 
 
 def _whole(m: re.Match[str], text: str, lo: int) -> Span:
