@@ -676,3 +676,36 @@ def test_recorder_stores_only_what_the_capture_mode_allows(tmp_path, enricher):
     assert "jane@example.com" in full.request_body and "7946 0958" in full.request_body
     assert "4111 1111 1111 1111" in full.error_message
     assert full.tags == '{"team":"support"}'
+
+
+def test_overflow_spill_and_replay_are_redacted_too(tmp_path):
+    """The queue-full path spills to disk: what lands there is already clean."""
+    from keel._ids import new_id
+    from keel.store.engine import make_engine, migrate
+    from keel.store.recorder import Recorder
+
+    engine = make_engine(f"sqlite:///{tmp_path}/k.db")
+    migrate(engine)
+    enricher = CaptureEnricher(default_mode="redacted", mode_by_alias={}, redactor=Redactor())
+    rec = Recorder(engine, tmp_path / "spill", queue_size=1)
+    rec.enrichers.append(enricher)
+    for _ in range(3):  # writer not started: two of these overflow to the spill file
+        rec.record(
+            {
+                "id": new_id(),
+                "started_at_ms": 1,
+                "duration_ms": 1.0,
+                "endpoint": "chat",
+                "model": "m",
+                "status": "ok",
+                "http_status": 200,
+                "request_body": '{"q": "write to jane.doe@example.com"}',
+            }
+        )
+    spilled = b"".join(p.read_bytes() for p in rec.spill_files())
+    assert b"jane.doe@example.com" not in spilled and b"[REDACTED:EMAIL]" in spilled
+    rec.start()
+    rec.stop()
+    with engine.connect() as c:
+        bodies = [r[0] for r in c.exec_driver_sql("SELECT request_body FROM traces")]
+    assert len(bodies) == 3 and all("jane.doe" not in b for b in bodies)

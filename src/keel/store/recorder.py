@@ -98,6 +98,8 @@ class Recorder:
         """Enqueue one trace. Never raises, never waits on the store."""
         buf = self._buf
         if len(buf) >= self.queue_size:
+            # Overload: clean it here (redaction) so nothing raw reaches the disk.
+            self._enrich([rec])
             self._spill([rec])
             return
         buf.append(rec)
@@ -129,6 +131,7 @@ class Recorder:
         # Anything left (thread never started, or join timed out) goes to disk.
         left = self._drain(len(self._buf))
         if left:
+            self._enrich(left)
             self._spill(left)
         self._close_spill()
 
@@ -157,16 +160,7 @@ class Recorder:
             try:
                 while self._buf:
                     batch = self._drain(self.batch_size)
-                    for enrich in self.enrichers:
-                        try:
-                            enrich(batch)
-                        except Exception:
-                            # Never store what an enricher failed to clean: drop the
-                            # bodies rather than risk keeping unredacted data.
-                            log.exception("recorder enricher failed; bodies dropped")
-                            for rec in batch:
-                                rec["request_body"] = None
-                                rec["response_body"] = None
+                    self._enrich(batch)
                     for obs in self.observers:
                         try:
                             obs(batch)
@@ -188,6 +182,18 @@ class Recorder:
                     except Exception:
                         log.exception("final replay failed; spill files kept")
                 return
+
+    def _enrich(self, batch: Sequence[Any]) -> None:
+        for enrich in self.enrichers:
+            try:
+                enrich(batch)  # type: ignore[arg-type]
+            except Exception:
+                # Never store what an enricher failed to clean: drop the bodies
+                # rather than risk keeping unredacted data.
+                log.exception("recorder enricher failed; bodies dropped")
+                for rec in batch:
+                    rec["request_body"] = None
+                    rec["response_body"] = None
 
     def _drain(self, n: int) -> list[TraceRecord]:
         out = []
@@ -321,6 +327,9 @@ class Recorder:
                         rows.append(orjson.loads(line))
                     except orjson.JSONDecodeError:
                         bad += 1  # a torn last line from a crash mid-write
+            # Idempotent: spill files from another version or configuration are
+            # cleaned again before they reach the store.
+            self._enrich(rows)
             try:
                 written = 0
                 for i in range(0, len(rows), self.batch_size):
