@@ -11,7 +11,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Table
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from keel.store.tables import (
@@ -102,18 +101,30 @@ def rollup_all(
     return list(minute.values()), list(hour.values()), list(dims.values())
 
 
+_UPSERT_SQL: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
+
+
 def _upsert(
     conn: Connection, table: Table, keys: tuple[str, ...], rows: list[dict[str, Any]]
 ) -> None:
+    """Additive upsert. The SQL is built once per table and dialect and the rows go to
+    the DBAPI's executemany as tuples: building the statement with SQLAlchemy for
+    every batch cost more than the write itself (it shares the GIL with the loop)."""
     if not rows:
         return
-    ins_mod = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = ins_mod.insert(table)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=list(keys),
-        set_={c: table.c[c] + stmt.excluded[c] for c in _ADDITIVE},
-    )
-    conn.execute(stmt, rows)
+    cached = _UPSERT_SQL.get((table.name, conn.dialect.name))
+    if cached is None:
+        cols = (*keys, *_ADDITIVE)
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+        sets = ", ".join(f"{c} = {table.name}.{c} + excluded.{c}" for c in _ADDITIVE)
+        sql = (
+            f"INSERT INTO {table.name} ({', '.join(cols)}) "
+            f"VALUES ({', '.join([mark] * len(cols))}) "
+            f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}"
+        )
+        cached = _UPSERT_SQL[(table.name, conn.dialect.name)] = (sql, cols)
+    sql, cols = cached
+    conn.exec_driver_sql(sql, [tuple(r[c] for c in cols) for r in rows])
 
 
 def upsert_rollups(conn: Connection, rows: list[dict[str, Any]]) -> None:
