@@ -473,6 +473,27 @@ class RedactionSettings(_Section):
         return v
 
 
+class DataSettings(_Section):
+    artifact_root: str | None = Field(
+        None,
+        description="Where dataset versions (Parquet) and artifacts go: a path or an fsspec "
+        "URL (s3://…, gs://…, file://…); default <data_dir>/artifacts.",
+    )
+    checks: list[str] = Field(
+        default_factory=list,
+        description="Extra validation checks, as 'package.module:function' to import.",
+    )
+    near_duplicate_threshold: float = Field(
+        0.85, gt=0, le=1, description="Jaccard similarity above which rows are near duplicates."
+    )
+
+
+class PromptSettings(_Section):
+    cache_dir: str | None = Field(
+        None, description="SDK: where fetched prompts are cached (default ~/.cache/keel/prompts)."
+    )
+
+
 class Settings(_Section):
     """The whole configuration. ``keel config check`` validates exactly this."""
 
@@ -499,6 +520,8 @@ class Settings(_Section):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    prompts: PromptSettings = Field(default_factory=PromptSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     redaction: RedactionSettings = Field(default_factory=RedactionSettings)
     budgets: list[BudgetSettings] = Field(
@@ -552,6 +575,10 @@ class Settings(_Section):
                         f"'{dep.provider}' (known: {', '.join(sorted(known)) or 'none'})"
                     )
         return self
+
+    @property
+    def artifact_root(self) -> str:
+        return self.data.artifact_root or str(Path(self.data_dir).resolve() / "artifacts")
 
     @property
     def effective_database_url(self) -> str:

@@ -59,6 +59,7 @@ traces = Table(
     Column("cache_write_tokens", Integer),  # prompt tokens written to it (Anthropic)
     Column("reasoning_tokens", Integer),  # part of completion_tokens
     Column("cache_hit", Boolean),  # answered from Keel's response cache
+    Column("prompt_version_id", String(32)),  # the prompt version the call rendered
     Index("ix_traces_started", "started_at_ms"),
     Index("ix_traces_model_started", "model", "started_at_ms"),
     Index("ix_traces_user_started", "user_id", "started_at_ms"),
@@ -331,4 +332,65 @@ audit_log = Table(
     Column("details", Text),  # JSON
     Column("status", Integer),
     Index("ix_audit_log_ts", "ts_ms"),
+)
+
+# -- datasets and prompts --------------------------------------------------------
+
+datasets = Table(
+    "datasets",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("kind", String(16), nullable=False),  # chat | completion | eval
+    Column("description", Text),
+    Column("created_at_ms", BigInteger, nullable=False),
+)
+
+# Immutable versions, identified by the content hash of their rows.
+dataset_versions = Table(
+    "dataset_versions",
+    metadata,
+    Column("id", String(64), primary_key=True),  # content hash (sha256 hex)
+    Column("dataset", String(200), nullable=False),
+    Column("parent_id", String(64)),
+    Column("rows", BigInteger, nullable=False),
+    Column("splits", Text),  # JSON {"train": n, "validation": n, …}
+    Column("uri", Text, nullable=False),  # where the Parquet files are (fsspec URL)
+    Column("steps", Text),  # JSON list of {step, params}: the lineage
+    Column("source", Text),  # JSON: the imported file or trace filter
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("created_by", String(200)),
+    Column("validation", Text),  # JSON summary of the last validation report
+    Index("ix_dataset_versions_dataset", "dataset", "created_at_ms"),
+)
+
+prompts = Table(
+    "prompts",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("description", Text),
+    Column("created_at_ms", BigInteger, nullable=False),
+)
+
+prompt_versions = Table(
+    "prompt_versions",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("prompt", String(200), nullable=False),
+    Column("version", Integer, nullable=False),  # 1, 2, 3 … per prompt
+    Column("content_hash", String(64), nullable=False),
+    Column("spec", Text, nullable=False),  # JSON: template, variables, model, params
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("created_by", String(200)),
+    Column("message", Text),
+    Index("ux_prompt_versions_prompt_version", "prompt", "version", unique=True),
+)
+
+prompt_labels = Table(
+    "prompt_labels",
+    metadata,
+    Column("prompt", String(200), primary_key=True),
+    Column("label", String(100), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("updated_at_ms", BigInteger, nullable=False),
+    Column("updated_by", String(200)),
 )

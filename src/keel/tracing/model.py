@@ -44,6 +44,7 @@ class TraceRecord(TypedDict, total=False):
     cache_write_tokens: int | None  # prompt tokens written to it (Anthropic)
     reasoning_tokens: int | None  # part of completion_tokens
     cache_hit: bool | None  # answered from Keel's response cache
+    prompt_version_id: str | None  # the prompt version the gateway rendered
 
 
 TRACE_FIELDS: tuple[str, ...] = tuple(TraceRecord.__annotations__)
