@@ -1,8 +1,8 @@
 """Keel: a self-hosted LLMOps platform.
 
 The public Python surface is kept small and listed in ``__all__``. The SDK
-(``init``, ``observe``, ``span``, …; see :mod:`keel.sdk`) is imported on first
-use, so ``import keel`` stays fast.
+(``init``, ``observe``, ``span``, …; see :mod:`keel.sdk`) and ``keel.prompts``
+are imported on first use, so ``import keel`` stays fast.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from keel._version import __version__
 from keel.config import Settings, load_settings
 
 if TYPE_CHECKING:
+    from keel import prompts
     from keel.sdk import flush, init, inject_traceparent, observe, shutdown, span, trace_headers
 
 _SDK_NAMES = frozenset(
@@ -27,6 +28,7 @@ __all__ = [
     "inject_traceparent",
     "load_settings",
     "observe",
+    "prompts",
     "shutdown",
     "span",
     "trace_headers",
@@ -40,4 +42,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(sdk, name)
         globals()[name] = value
         return value
+    if name == "prompts":  # the prompts SDK (a subpackage; only its light modules load)
+        import importlib
+
+        return importlib.import_module("keel.prompts")
     raise AttributeError(f"module 'keel' has no attribute {name!r}")

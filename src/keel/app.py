@@ -47,6 +47,8 @@ from keel.monitoring.metrics import (
 )
 from keel.monitoring.probes import ProbeDaemon
 from keel.monitoring.sampler import ResourceSampler
+from keel.prompts import api as prompts_api
+from keel.prompts.store import PromptStore
 from keel.store.engine import make_engine, migrate
 from keel.store.recorder import Recorder
 from keel.store.retention import RetentionDaemon
@@ -165,8 +167,16 @@ def create_app(
     registry.register(CallbackCollector(daemon_families(lambda: daemons)))
     pricer = Pricer(PriceCatalog.for_settings(settings), registry)
     limits = Limits(settings, engine)
+    prompt_store = PromptStore(engine)
     gateway = Gateway(
-        router, recorder, settings.gateway, settings.recorder, metrics, pricer, limits
+        router,
+        recorder,
+        settings.gateway,
+        settings.recorder,
+        metrics,
+        pricer,
+        limits,
+        prompt_store,
     )
     keystore = KeyStore(engine, redis_url=settings.redis_url, cache_s=settings.auth.key_cache_s)
     admin_secret = env.get(settings.auth.admin_key_env) if settings.auth.admin_key_env else None
@@ -243,6 +253,7 @@ def create_app(
     app.include_router(auth_api.make_router(keystore, engine))
     app.include_router(costs_api.make_router(engine))
     app.include_router(limits_mod.make_router(limits))
+    app.include_router(prompts_api.make_router(prompt_store))
     # Outermost: nothing runs for a request that has no valid key.
     app.add_middleware(
         AuthMiddleware,

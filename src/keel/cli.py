@@ -440,9 +440,11 @@ def alerts_signals(url: str) -> None:
 def _register_groups() -> None:
     from keel.auth.cli import keys
     from keel.costs.cli import costs
+    from keel.prompts.cli import prompts
 
     cli.add_command(keys)
     cli.add_command(costs)
+    cli.add_command(prompts)
 
 
 _register_groups()

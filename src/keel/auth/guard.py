@@ -69,6 +69,9 @@ RULES: list[Rule] = [
     # Keys grant access, so only admins see or change them.
     Rule(r"^/api/keys(/|$)", ADMINS),
     Rule(r"^/api/registry/.+/(approve|reject)$", APPROVERS, MUTATING),
+    # Applications fetch and preview prompts with the key they call the gateway with.
+    Rule(r"^/api/prompts/resolve$", ANY_KEY, READ_METHODS),
+    Rule(r"^/api/prompts/render$", ANY_KEY, frozenset({"POST"})),
     Rule(r"^/api(/|$)", READERS, READ_METHODS),
     Rule(r"^/api(/|$)", ADMINS),
     Rule(r"^/metrics$", READERS, READ_METHODS),

@@ -171,6 +171,7 @@ class Call:
     otel_span_id: str | None = None
     admission: Any = None  # from the limits, settled when the trace is recorded
     cache_hit: bool | None = None
+    prompt_version_id: str | None = None
 
     def join_trace(self, traceparent: str | None) -> None:
         """Make this call a span of the caller's OpenTelemetry trace, if it sent one."""
@@ -259,6 +260,7 @@ def make_trace(
         "cache_write_tokens": cache_write,
         "reasoning_tokens": reasoning,
         "cache_hit": call.cache_hit,
+        "prompt_version_id": call.prompt_version_id,
     }
 
 

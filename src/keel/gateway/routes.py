@@ -31,6 +31,7 @@ from keel.gateway.calls import (
 from keel.gateway.resilience import with_failover
 from keel.gateway.router import Alias, Deployment, Router
 from keel.monitoring.metrics import GatewayMetrics
+from keel.prompts.gateway import expand_prompt
 from keel.store.recorder import Recorder
 from keel.tracing.model import TraceRecord
 
@@ -118,10 +119,12 @@ class Gateway:
         metrics: GatewayMetrics | None = None,
         pricer: Any = None,
         limits: Any = None,
+        prompts: Any = None,
     ) -> None:
         self.router = router
         self.pricer = pricer
         self.limits = limits
+        self.prompts = prompts
         registry = metrics.inflight if metrics is not None else None
         self._inflight_chat = registry.labels("chat") if registry is not None else None
         self._inflight_embed = registry.labels("embeddings") if registry is not None else None
@@ -199,6 +202,8 @@ class Gateway:
         call.join_trace(request.headers.get("traceparent"))
         try:
             raw, body = await self._read_json(request)
+            if self.prompts is not None:
+                body, call.prompt_version_id = expand_prompt(self.prompts, body)
             check_chat_body(body)
             attribution = Attribution.from_request(request.headers, body)
             alias = self.router.resolve(body["model"])
