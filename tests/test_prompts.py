@@ -300,7 +300,7 @@ def test_expand_prompt(store: PromptStore) -> None:
         expand_prompt(store, {"prompt": "greet", "variables": {}})
     assert ei.value.param == "variables.name"
     with pytest.raises(InvalidRequest, match="not both"):
-        expand_prompt(store, {"prompt": "greet", "messages": []})
+        expand_prompt(store, {"prompt": "greet", "messages": [{"role": "user", "content": "x"}]})
     with pytest.raises(InvalidRequest, match="'variables' must be an object"):
         expand_prompt(store, {"prompt": "greet", "variables": [1]})
     with pytest.raises(NotFound):
@@ -542,3 +542,28 @@ def test_cli(tmp_path: Path) -> None:
     (files / "notyaml.yaml").write_text("name: [\n")
     r = run(prompts_cli, ["push", str(files / "notyaml.yaml"), *c])
     assert r.exit_code == 1 and "not valid YAML" in r.output
+
+
+def test_openai_sdk_names_a_prompt_through_extra_body(keel_factory, tmp_path):
+    import openai
+
+    keel = keel_factory()
+    spec = {
+        "name": "sdk-greet",
+        "messages": [{"role": "user", "content": "Hello {{ who }}"}],
+        "variables": {"who": {"type": "string"}},
+    }
+    r = httpx.post(keel.url + "/api/prompts", json=spec)
+    assert r.status_code == 201
+    client = openai.OpenAI(base_url=keel.url + "/v1", api_key="unused")
+    resp = client.chat.completions.create(
+        model="gpt", messages=[], extra_body={"prompt": "sdk-greet", "variables": {"who": "Ada"}}
+    )
+    assert resp.choices[0].message.content == "Echo: Hello Ada"
+    (t,) = keel.rows()
+    assert t["prompt_version_id"]
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(
+            model="gpt", messages=[], extra_body={"prompt": "sdk-greet", "variables": {}}
+        )
+    assert "who" in str(ei.value)

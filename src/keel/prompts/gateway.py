@@ -28,7 +28,7 @@ def expand_prompt(store: Any, body: Any) -> tuple[Any, str | None]:
     ref = body["prompt"]
     if not isinstance(ref, str) or not ref:
         raise InvalidRequest("'prompt' must be a reference like 'name@production'", param="prompt")
-    if body.get("messages") is not None:
+    if body.get("messages"):  # an empty list is fine: SDKs insist on sending one
         raise InvalidRequest("send either 'messages' or 'prompt', not both", param="prompt")
     variables = body.get("variables")
     if variables is None:
