@@ -30,6 +30,8 @@ from keel.auth import api as auth_api
 from keel.config import Settings
 from keel.costs import PriceCatalog, Pricer
 from keel.costs import api as costs_api
+from keel.data import api as data_api
+from keel.data.versions import DatasetStore
 from keel.errors import InvalidRequest, KeelError, NotFound
 from keel.gateway import limits as limits_mod
 from keel.gateway.limits import Limits
@@ -254,6 +256,7 @@ def create_app(
     app.include_router(costs_api.make_router(engine))
     app.include_router(limits_mod.make_router(limits))
     app.include_router(prompts_api.make_router(prompt_store))
+    app.include_router(data_api.make_router(DatasetStore(engine, settings.artifact_root)))
     # Outermost: nothing runs for a request that has no valid key.
     app.add_middleware(
         AuthMiddleware,

@@ -440,11 +440,13 @@ def alerts_signals(url: str) -> None:
 def _register_groups() -> None:
     from keel.auth.cli import keys
     from keel.costs.cli import costs
+    from keel.data.cli import data
     from keel.prompts.cli import prompts
 
     cli.add_command(keys)
     cli.add_command(costs)
     cli.add_command(prompts)
+    cli.add_command(data)
 
 
 _register_groups()
