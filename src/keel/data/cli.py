@@ -285,3 +285,12 @@ def export_cmd(
     files = _run(store.export, ref, fmt, dest, split=split)
     for f in files:
         click.echo(f"wrote {f}")
+
+
+def _add_validate() -> None:
+    from keel.data.validate_cli import validate_command
+
+    data.add_command(validate_command)
+
+
+_add_validate()
