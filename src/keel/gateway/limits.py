@@ -38,412 +38,46 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter
 from pydantic import BaseModel
 from redis.exceptions import RedisError
-from sqlalchemy import Float, cast, func, select
 from sqlalchemy.engine import Engine
 
 from keel.config import BudgetSettings, Settings
 from keel.errors import KeelError
+from keel.gateway._budgets import (
+    _PERIODLY,
+    SEED_BACKOFF_S,  # noqa: F401  (re-exported, as are the names in __all__)
+    _BudgetRef,
+    _BudgetsMixin,
+    _iso,
+    _usd,
+    period_bounds,
+    spend_from_store,
+)
+from keel.gateway._limit_backends import (
+    NANO,
+    PERIOD_SLACK_S,  # noqa: F401
+    RATE_TTL_S,  # noqa: F401
+    WINDOW_S,
+    Backend,
+    Check,
+    MemoryBackend,
+    RedisBackend,
+    SpendItem,
+    _Period,
+)
+from keel.gateway._limit_errors import BudgetExceeded, LimitsUnavailable, RateLimited
 from keel.gateway.cache import MemoryCache, ResponseCache
-from keel.store.tables import rollups_dim_minute, rollups_hour
 
 log = logging.getLogger("keel.gateway.limits")
 _T = TypeVar("_T")
 
-WINDOW_S = 60
-RATE_TTL_S = 2 * WINDOW_S
-NANO = 1_000_000_000
-#: Kept after a period ends, so a request racing the reset still finds its counter.
-PERIOD_SLACK_S = 3600
-SEED_BACKOFF_S = 30.0
-_DIMENSION = {"key": "key", "user": "user", "feature": "feature"}
-_PERIODLY = {"day": "daily", "week": "weekly", "month": "monthly"}
-
-
-class RateLimited(KeelError):
-    """Too many requests or tokens this minute; ``retry_after_s`` until the window resets."""
-
-    status = 429
-    type = "rate_limit_exceeded"
-
-    def __init__(self, message: str, *, retry_after_s: int) -> None:
-        super().__init__(
-            message, code="rate_limit_exceeded", extra={"retry_after_s": retry_after_s}
-        )
-        self.retry_after_s = retry_after_s
-
-
-class BudgetExceeded(KeelError):
-    """A hard budget is spent (OpenAI's ``insufficient_quota``)."""
-
-    status = 429
-    type = "insufficient_quota"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        budget: str,
-        spent_usd: float,
-        limit_usd: float,
-        resets_at: str,
-        retry_after_s: int,
-    ) -> None:
-        super().__init__(
-            message,
-            code="insufficient_quota",
-            extra={
-                "budget": budget,
-                "spent_usd": spent_usd,
-                "limit_usd": limit_usd,
-                "resets_at": resets_at,
-            },
-        )
-        self.budget = budget
-        self.spent_usd = spent_usd
-        self.limit_usd = limit_usd
-        self.resets_at = resets_at
-        self.retry_after_s = retry_after_s
-
-
-class LimitsUnavailable(KeelError):
-    """Redis is unreachable and ``limits.redis_failure`` is ``closed``."""
-
-    status = 503
-    type = "limits_unavailable"
-
-
-# -- periods and the store ------------------------------------------------------------------
-
-
-def period_bounds(period: str, now_s: float) -> tuple[datetime, datetime]:
-    """The UTC period (day, ISO week from Monday, calendar month) holding ``now_s``."""
-    now = datetime.fromtimestamp(now_s, UTC)
-    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "day":
-        return day, day + timedelta(days=1)
-    if period == "week":
-        start = day - timedelta(days=day.weekday())
-        return start, start + timedelta(days=7)
-    start = day.replace(day=1)
-    end = (
-        start.replace(year=start.year + 1, month=1)
-        if start.month == 12
-        else start.replace(month=start.month + 1)
-    )
-    return start, end
-
-
-def _ms(d: datetime) -> int:
-    return int(d.timestamp() * 1000)
-
-
-def _iso(d: datetime) -> str:
-    return d.strftime("%Y-%m-%dT%H:%MZ")
-
-
-def spend_from_store(engine: Engine, scope: str, start_ms: int, end_ms: int) -> dict[str, float]:
-    """USD spent per value of a scope between two instants, from the rollups
-    (global: ``rollups_hour``; key/user/feature: ``rollups_dim_minute``). Blocking."""
-    if scope == "global":
-        t = rollups_hour
-        stmt: Any = select(cast(func.sum(t.c.cost_usd), Float)).where(
-            t.c.minute_ms >= start_ms, t.c.minute_ms < end_ms
-        )
-        with engine.connect() as conn:
-            return {"": float(conn.execute(stmt).scalar() or 0.0)}
-    t = rollups_dim_minute
-    stmt = (
-        select(t.c.value, cast(func.sum(t.c.cost_usd), Float))
-        .where(
-            t.c.dimension == _DIMENSION[scope], t.c.minute_ms >= start_ms, t.c.minute_ms < end_ms
-        )
-        .group_by(t.c.value)
-    )
-    with engine.connect() as conn:
-        return {v: float(s or 0.0) for v, s in conn.execute(stmt) if v}
-
-
-@dataclass(frozen=True, slots=True)
-class _Period:
-    """One scope's counters for one period."""
-
-    scope: str
-    period: str
-    start: datetime
-    end: datetime
-    base: str  # f"{prefix}sp:{scope}:{period}:{start date}"
-
-    @property
-    def marker(self) -> str:
-        return self.base + "#seeded"
-
-    @property
-    def index(self) -> str:
-        return self.base + "#values"
-
-    def counter(self, value: str) -> str:
-        return f"{self.base}:{value}"
-
-    @property
-    def expire_at(self) -> int:
-        return int(self.end.timestamp()) + PERIOD_SLACK_S
-
-
-# -- backends -------------------------------------------------------------------------------
-
-# A check is (kind, counter key, limit, marker key or None); kind r: requests (refuse when
-# count + 1 > limit, count it when admitted), t: tokens, b: budget nano-USD (refuse when
-# used >= limit). Result: (0,) admitted, (1, index, used) refused, (2, [indexes]) budget
-# counters that must be seeded first.
-Check = tuple[str, str, int, str | None]
-# A spend item is (counter, marker, index set, value, expire_at).
-SpendItem = tuple[str, str, str, str, int]
-
-_ADMIT_LUA = """
-local n, assume = (#ARGV - 2) / 2, ARGV[2] == '1'
-local vals, missing, m = {}, {2}, n
-for i = 1, n do
-  local raw = redis.call('GET', KEYS[i])
-  if ARGV[1 + 2 * i] == 'b' then
-    m = m + 1
-    if not raw and not assume and redis.call('EXISTS', KEYS[m]) == 0 then
-      missing[#missing + 1] = i
-    end
-  end
-  vals[i] = raw or '0'
-end
-if #missing > 1 then return missing end
-for i = 1, n do
-  local kind, limit, v = ARGV[1 + 2 * i], tonumber(ARGV[2 + 2 * i]), tonumber(vals[i])
-  if (kind == 'r' and v + 1 > limit) or (kind ~= 'r' and v >= limit) then
-    return {1, i, vals[i]}
-  end
-end
-for i = 1, n do
-  if ARGV[1 + 2 * i] == 'r' and redis.call('INCR', KEYS[i]) == 1 then
-    redis.call('EXPIRE', KEYS[i], ARGV[1])
-  end
-end
-return {0}
-"""
-
-_SETTLE_LUA = """
-local nt, tokens, ttl, amount = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
-for i = 1, nt do
-  if redis.call('INCRBY', KEYS[i], tokens) == tonumber(tokens) then
-    redis.call('EXPIRE', KEYS[i], ttl)
-  end
-end
-local missing = {}
-for j = 0, (#KEYS - nt) / 3 - 1 do
-  local c, m, x = KEYS[nt + 3 * j + 1], KEYS[nt + 3 * j + 2], KEYS[nt + 3 * j + 3]
-  if redis.call('EXISTS', c) == 1 or redis.call('EXISTS', m) == 1 then
-    local exp = ARGV[5 + 2 * j]
-    redis.call('INCRBY', c, amount)
-    redis.call('EXPIREAT', c, exp)
-    redis.call('SADD', x, ARGV[6 + 2 * j])
-    redis.call('EXPIREAT', x, exp)
-  else
-    missing[#missing + 1] = j
-  end
-end
-return missing
-"""
-
-
-class MemoryBackend:
-    """The same semantics on dicts, for one process (atomic: no await inside)."""
-
-    name = "memory"
-
-    def __init__(self, clock: Callable[[], float], cache: MemoryCache) -> None:
-        self._clock = clock
-        self._n: dict[str, int] = {}
-        self._sets: dict[str, set[str]] = {}
-        self._exp: dict[str, float] = {}
-        self._sweep_at = 0.0
-        self.cache = cache
-
-    def _get(self, key: str, now: float) -> int | None:
-        exp = self._exp.get(key)
-        if exp is not None and exp <= now:
-            self._delete(key)
-            return None
-        return self._n.get(key)
-
-    def _delete(self, key: str) -> None:
-        self._n.pop(key, None)
-        self._sets.pop(key, None)
-        self._exp.pop(key, None)
-
-    def _sweep(self, now: float) -> None:
-        if now < self._sweep_at:
-            return
-        self._sweep_at = now + WINDOW_S
-        for k in [k for k, e in self._exp.items() if e <= now]:
-            self._delete(k)
-
-    async def admit(self, checks: list[Check], assume_zero: bool) -> tuple[Any, ...]:
-        now = self._clock()
-        self._sweep(now)
-        if not assume_zero:
-            missing = [
-                i
-                for i, (kind, key, _, marker) in enumerate(checks)
-                if kind == "b"
-                and self._get(key, now) is None
-                and self._get(marker or "", now) is None
-            ]
-            if missing:
-                return (2, missing)
-        for i, (kind, key, limit, _) in enumerate(checks):
-            v = self._get(key, now) or 0
-            if (v + 1 > limit) if kind == "r" else (v >= limit):
-                return (1, i, v)
-        for kind, key, _, _ in checks:
-            if kind == "r":
-                if self._get(key, now) is None:
-                    self._exp[key] = now + RATE_TTL_S
-                self._n[key] = self._n.get(key, 0) + 1
-        return (0,)
-
-    async def settle(
-        self, tpm_keys: list[str], tokens: int, items: list[SpendItem], nano: int
-    ) -> list[int]:
-        now = self._clock()
-        for key in tpm_keys:
-            if self._get(key, now) is None:
-                self._exp[key] = now + RATE_TTL_S
-            self._n[key] = self._n.get(key, 0) + tokens
-        missing = []
-        for j, (counter, marker, index, value, expire_at) in enumerate(items):
-            if self._get(counter, now) is None and self._get(marker, now) is None:
-                missing.append(j)
-                continue
-            self._n[counter] = self._n.get(counter, 0) + nano
-            self._exp[counter] = expire_at
-            self._sets.setdefault(index, set()).add(value)
-            self._exp[index] = expire_at
-        return missing
-
-    async def seed(
-        self, marker: str, index: str, counters: dict[str, tuple[str, int]], expire_at: int
-    ) -> None:
-        now = self._clock()
-        for key, (value, nano) in counters.items():
-            if self._get(key, now) is None:
-                self._n[key] = nano
-                self._exp[key] = expire_at
-            self._sets.setdefault(index, set()).add(value)
-            self._exp[index] = expire_at
-        self._n[marker] = 1
-        self._exp[marker] = expire_at
-
-    async def read_spend(self, p: _Period) -> dict[str, int] | None:
-        """Nano-USD per value of a period, or None when it was never seeded."""
-        now = self._clock()
-        if self._get(p.marker, now) is None:
-            return None
-        self._get(p.index, now)
-        return {v: self._get(p.counter(v), now) or 0 for v in self._sets.get(p.index, ())}
-
-    async def cache_get(self, key: str) -> bytes | None:
-        return self.cache.get(key)
-
-    async def cache_set(self, key: str, value: bytes, ttl_s: float) -> None:
-        self.cache.set(key, value, ttl_s)
-
-    async def ping(self) -> None:
-        return None
-
-
-class RedisBackend:
-    """Counters in Redis, changed only by the two Lua scripts (atomic, one round trip)."""
-
-    name = "redis"
-
-    def __init__(self, client: Any, prefix: str) -> None:
-        self.client = client
-        self.prefix = prefix
-        self._admit = client.register_script(_ADMIT_LUA)
-        self._settle = client.register_script(_SETTLE_LUA)
-
-    async def admit(self, checks: list[Check], assume_zero: bool) -> tuple[Any, ...]:
-        keys = [c[1] for c in checks]
-        keys += [c[3] for c in checks if c[0] == "b"]
-        args: list[Any] = [RATE_TTL_S, "1" if assume_zero else "0"]
-        for kind, _, limit, _ in checks:
-            args += (kind, limit)
-        res = await self._admit(keys, args)
-        code = int(res[0])
-        if code == 0:
-            return (0,)
-        if code == 1:
-            return (1, int(res[1]) - 1, int(res[2]))
-        return (2, [int(i) - 1 for i in res[1:]])
-
-    async def settle(
-        self, tpm_keys: list[str], tokens: int, items: list[SpendItem], nano: int
-    ) -> list[int]:
-        keys = list(tpm_keys)
-        args: list[Any] = [len(tpm_keys), tokens, RATE_TTL_S, nano]
-        for counter, marker, index, value, expire_at in items:
-            keys += (counter, marker, index)
-            args += (expire_at, value)
-        return [int(j) for j in await self._settle(keys, args)]
-
-    async def seed(
-        self, marker: str, index: str, counters: dict[str, tuple[str, int]], expire_at: int
-    ) -> None:
-        async with self.client.pipeline(transaction=False) as p:
-            for key, (_, nano) in counters.items():
-                p.set(key, nano, nx=True, exat=expire_at)
-            if counters:
-                p.sadd(index, *(v for v, _ in counters.values()))
-                p.expireat(index, expire_at)
-            p.set(marker, 1, exat=expire_at)
-            await p.execute()
-
-    async def read_spend(self, p: _Period) -> dict[str, int] | None:
-        if not await self.client.exists(p.marker):
-            return None
-        values = sorted(v.decode() for v in await self.client.smembers(p.index))
-        if not values:
-            return {}
-        counts = await self.client.mget([p.counter(v) for v in values])
-        return {v: int(c or 0) for v, c in zip(values, counts, strict=True)}
-
-    async def cache_get(self, key: str) -> bytes | None:
-        return await self.client.get(self.prefix + "c:" + key)
-
-    async def cache_set(self, key: str, value: bytes, ttl_s: float) -> None:
-        await self.client.set(self.prefix + "c:" + key, value, px=max(1, int(ttl_s * 1000)))
-
-    async def ping(self) -> None:
-        await self.client.ping()
-
-
-Backend = MemoryBackend | RedisBackend
-
 
 # -- the policy -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _BudgetRef:
-    name: str  # shown in messages and errors
-    scope: str
-    value: str
-    period: str
-    limit_usd: float
-    own_key: bool = False
-    label: str = ""  # who, in messages: the key's name rather than its id
 
 
 @dataclass(slots=True)
@@ -459,17 +93,13 @@ class Admission:
     budgets: tuple[str, ...] = ()
 
 
-def _usd(x: float) -> str:
-    return f"${x:.2f}" if x == 0 or abs(x) >= 0.01 else f"${x:.4g}"
-
-
 def _redis_where(url: str) -> str:
     # Never log credentials: keep host, port and db.
     rest = url.split("://", 1)[-1]
     return rest.rsplit("@", 1)[-1]
 
 
-class Limits:
+class Limits(_BudgetsMixin):
     """Rate limits, budgets and the response cache of one gateway process.
 
     ``prefix`` namespaces every Redis key (tests use their own); ``clock`` returns
@@ -668,89 +298,7 @@ class Limits:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # -- periods, seeding -------------------------------------------------------------------
-
-    def _period(self, scope: str, period: str, now: float) -> _Period:
-        day = int(now // 86400)
-        if day != self._pday:
-            self._periods = {}
-            for name in ("day", "week", "month"):
-                s, e = period_bounds(name, now)
-                self._periods[name] = (s, e, s.strftime("%Y-%m-%d"))
-            self._pday = day
-        s, e, token = self._periods[period]
-        return _Period(scope, period, s, e, f"{self.prefix}sp:{scope}:{period}:{token}")
-
-    async def _seed(self, be: Backend, p: _Period) -> bool:
-        """Seed every counter of a scope and period from the store (once; concurrent
-        callers share one query). False when the store could not be read."""
-        k = (id(be), p.marker)
-        pending = self._seeding.get(k)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        if self._seed_retry_at.get(p.marker, 0.0) > time.monotonic():
-            return False
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._seeding[k] = fut
-        try:
-            spend: dict[str, float] = {}
-            if self.engine is not None:
-                try:
-                    spend = await asyncio.to_thread(
-                        spend_from_store, self.engine, p.scope, _ms(p.start), _ms(p.end)
-                    )
-                except Exception as e:
-                    log.warning(
-                        "budgets: could not read %s spend for this %s from the store (%s); "
-                        "counting from zero until it answers",
-                        p.scope,
-                        p.period,
-                        e,
-                    )
-                    self._seed_retry_at[p.marker] = time.monotonic() + SEED_BACKOFF_S
-                    fut.set_result(False)
-                    return False
-            counters = {p.counter(v): (v, round(usd * NANO)) for v, usd in spend.items()}
-            await be.seed(p.marker, p.index, counters, p.expire_at)
-            fut.set_result(True)
-            return True
-        except BaseException:
-            fut.set_result(False)
-            raise
-        finally:
-            self._seeding.pop(k, None)
-
     # -- admission ------------------------------------------------------------------------
-
-    def _applicable(
-        self,
-        key_id: str | None,
-        key_name: str | None,
-        key_budget: tuple[float, str] | None,
-        user: str | None,
-        feature: str | None,
-    ) -> list[tuple[_BudgetRef, str]]:
-        """(budget, mode) for every budget that applies to a request."""
-        out: list[tuple[_BudgetRef, str]] = []
-        if key_id is not None and key_budget is not None:
-            limit, period = key_budget
-            ref = _BudgetRef(key_name or key_id, "key", key_id, period, limit, True)
-            out.append((ref, "hard"))
-        for scope, value, names, label in (
-            ("global", "", ("",), ""),
-            ("key", key_id, (key_id, key_name), key_name or key_id),
-            ("user", user, (user,), user),
-            ("feature", feature, (feature,), feature),
-        ):
-            if value is None:
-                continue
-            for b in self._by_scope.get(scope, ()):
-                if b.match == "*" or b.match in names:
-                    ref = _BudgetRef(
-                        b.name, scope, value, b.period, b.limit_usd, False, label or ""
-                    )
-                    out.append((ref, b.mode))
-        return out
 
     async def admit(
         self,
@@ -898,75 +446,6 @@ class Limits:
             await self._run(op, critical=False)
         except Exception:
             log.exception("limits: could not settle a call's tokens and spend")
-
-    # -- budgets overview -----------------------------------------------------------------
-
-    async def _read(self, p: _Period) -> dict[str, int]:
-        async def op(be: Backend) -> dict[str, int]:
-            spend = await be.read_spend(p)
-            if spend is None:
-                await self._seed(be, p)
-                spend = await be.read_spend(p)
-            return spend or {}
-
-        return await self._run(op, critical=False)
-
-    async def budget_status(self) -> list[dict[str, Any]]:
-        """Every configured budget (per value for ``match: '*'``) with spend so far."""
-        now = self._clock()
-        out: list[dict[str, Any]] = []
-        cache: dict[str, dict[str, int]] = {}
-        for b in self.budgets:
-            p = self._period(b.scope, b.period, now)
-            if p.base not in cache:
-                cache[p.base] = await self._read(p)
-            spend = cache[p.base]
-            if b.scope == "global":
-                values = {"": spend.get("", 0)}
-            elif b.match == "*":
-                values = spend
-            else:
-                ids = [b.match, *(await self._key_ids(b.match) if b.scope == "key" else [])]
-                values = {b.match: sum(spend.get(v, 0) for v in dict.fromkeys(ids))}
-            for value, nano in sorted(values.items()):
-                spent = nano / NANO
-                out.append(
-                    {
-                        "name": b.name,
-                        "scope": b.scope,
-                        "value": value,
-                        "spent_usd": round(spent, 6),
-                        "limit_usd": b.limit_usd,
-                        "period": b.period,
-                        "period_end": _iso(p.end),
-                        "ratio": spent / b.limit_usd,
-                        "mode": b.mode,
-                    }
-                )
-        return out
-
-    async def _key_ids(self, name: str) -> list[str]:
-        """Ids of the keys called ``name`` (budgets may match a key by name)."""
-        if self.engine is None:
-            return []
-        from keel.store.tables import api_keys
-
-        def run() -> list[str]:
-            with self.engine.connect() as conn:  # type: ignore[union-attr]
-                return list(
-                    conn.execute(select(api_keys.c.id).where(api_keys.c.name == name)).scalars()
-                )
-
-        try:
-            return await asyncio.to_thread(run)
-        except Exception:
-            log.exception("budgets: could not look up key %r", name)
-            return []
-
-    async def key_spend(self, key_id: str, period: str) -> float:
-        """USD a key spent in the current period (for the keys API)."""
-        p = self._period("key", period, self._clock())
-        return (await self._read(p)).get(key_id, 0) / NANO
 
 
 class BudgetOut(BaseModel):

@@ -3,13 +3,13 @@
 The handlers read the raw body and parse it with orjson instead of declaring a
 pydantic body: the gateway must forward every field it does not know, and a
 full validation on the hot path costs more than the rest of the proxy. The
-OpenAPI schema still documents the bodies (``openapi_extra``).
+OpenAPI schema still documents the bodies (``openapi_extra``, in
+:mod:`keel.gateway.schemas`); the stream relay lives in :mod:`keel.gateway.streaming`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
 from keel.config import GatewaySettings, RecorderSettings
-from keel.errors import InvalidRequest, KeelError, PayloadTooLarge, UpstreamError
+from keel.errors import InvalidRequest, KeelError, PayloadTooLarge
 from keel.gateway.calls import (
     Attribution,
     Call,
@@ -30,6 +30,8 @@ from keel.gateway.calls import (
 )
 from keel.gateway.resilience import with_failover
 from keel.gateway.router import Alias, Deployment, Router
+from keel.gateway.schemas import CHAT_SCHEMA, EMBED_SCHEMA, JSON
+from keel.gateway.streaming import choice_text, relay, replay_sse
 from keel.monitoring.metrics import GatewayMetrics
 from keel.prompts.gateway import expand_prompt
 from keel.store.recorder import Recorder
@@ -37,69 +39,7 @@ from keel.tracing.model import TraceRecord
 
 log = logging.getLogger("keel.gateway")
 
-JSON = "application/json"
 TRACE_HEADER = "x-keel-trace-id"
-
-_CHAT_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            JSON: {
-                "schema": {
-                    "type": "object",
-                    "required": ["model", "messages"],
-                    "additionalProperties": True,
-                    "properties": {
-                        "model": {
-                            "type": "string",
-                            "description": "A model alias (GET /v1/models).",
-                        },
-                        "messages": {"type": "array", "items": {"type": "object"}, "minItems": 1},
-                        "stream": {"type": "boolean"},
-                        "stream_options": {"type": "object"},
-                        "user": {"type": "string"},
-                        "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-                    },
-                }
-            }
-        },
-    },
-    "parameters": [
-        {"name": "X-Keel-User", "in": "header", "required": False, "schema": {"type": "string"}},
-        {"name": "X-Keel-Feature", "in": "header", "required": False, "schema": {"type": "string"}},
-        {"name": "X-Keel-Session", "in": "header", "required": False, "schema": {"type": "string"}},
-        {
-            "name": "X-Keel-Tags",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "string", "example": "team=search,env=prod"},
-        },
-    ],
-}
-_EMBED_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            JSON: {
-                "schema": {
-                    "type": "object",
-                    "required": ["model", "input"],
-                    "additionalProperties": True,
-                    "properties": {
-                        "model": {"type": "string"},
-                        "input": {
-                            "oneOf": [
-                                {"type": "string"},
-                                {"type": "array", "items": {"type": "string"}},
-                            ]
-                        },
-                        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
-                    },
-                }
-            }
-        },
-    }
-}
 
 
 def error_response(err: KeelError, trace_id: str | None = None) -> Response:
@@ -249,7 +189,7 @@ class Gateway:
         if usage is None:
             est = (
                 estimate_tokens(messages_text(body["messages"])),
-                estimate_tokens(_choice_text(resp)),
+                estimate_tokens(choice_text(resp)),
             )
         self._record(
             call=call,
@@ -330,7 +270,7 @@ class Gateway:
             return Response(hit, media_type=JSON, headers=headers)
         opts = body.get("stream_options") or {}
         return StreamingResponse(
-            _replay_sse(resp, bool(opts.get("include_usage"))),
+            replay_sse(resp, bool(opts.get("include_usage"))),
             media_type="text/event-stream",
             headers=headers,
         )
@@ -381,100 +321,22 @@ class Gateway:
             return error_response(e, call.id)
         common = _common(alias, outcome.deployment, attribution, outcome.attempts, outcome.tried)
         return StreamingResponse(
-            self._relay(call, agen, first, raw, common, client_wants_usage, gauge),
+            relay(
+                call,
+                agen,
+                first,
+                raw,
+                common,
+                client_wants_usage,
+                gauge,
+                record=self._record,
+                request_body=self._req_text(raw),
+                capture=self.capture,
+                max_chars=self.max_chars,
+            ),
             media_type="text/event-stream",
             headers={TRACE_HEADER: call.id, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )
-
-    async def _relay(
-        self,
-        call: Call,
-        agen: AsyncIterator[tuple[bytes, dict[str, Any]]],
-        first: tuple[bytes, dict[str, Any]] | None,
-        raw: bytes,
-        common: dict[str, Any],
-        client_wants_usage: bool,
-        gauge: Any = None,
-    ) -> AsyncIterator[bytes]:
-        content: list[str] = []
-        tool_calls: dict[int, dict[str, Any]] = {}
-        finish = None
-        role = "assistant"
-        usage: dict[str, Any] | None = None
-        error: KeelError | None = None
-        status = "ok"
-        try:
-            item = first
-            while item is not None:
-                data, chunk = item
-                choices = chunk.get("choices") or []
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for ch in choices:
-                    delta = ch.get("delta") or {}
-                    if delta.get("content"):
-                        call.mark_first_token()
-                        content.append(delta["content"])
-                    for tc in delta.get("tool_calls") or ():
-                        call.mark_first_token()
-                        _merge_tool_call(tool_calls, tc)
-                    if delta.get("role"):
-                        role = delta["role"]
-                    if ch.get("finish_reason"):
-                        finish = ch["finish_reason"]
-                if choices or client_wants_usage:
-                    yield b"data: " + data + b"\n\n"
-                try:
-                    item = await agen.__anext__()
-                except StopAsyncIteration:
-                    item = None
-            yield b"data: [DONE]\n\n"
-        except KeelError as e:
-            error = e
-            status = "error"
-            yield b"data: " + orjson.dumps(e.to_body()) + b"\n\n"
-        except Exception as e:  # a bug in an adapter: tell the client, keep serving
-            log.exception("stream relay failed")
-            status = "error"
-            error = UpstreamError(f"stream relay failed: {e}", code="relay_error")
-            yield b"data: " + orjson.dumps(error.to_body()) + b"\n\n"
-        except BaseException:  # GeneratorExit / CancelledError: the client went away
-            status = "cancelled"
-            error = UpstreamError(
-                "the client disconnected before the stream ended", status=499, code="client_closed"
-            )
-            raise
-        finally:
-            if gauge is not None:
-                gauge.dec()
-            await agen.aclose()
-            message: dict[str, Any] = {"role": role, "content": "".join(content)}
-            if tool_calls:
-                message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
-            resp_text = None
-            if self.capture:
-                resp_text = clip_body(
-                    orjson.dumps({"message": message, "finish_reason": finish}).decode(),
-                    self.max_chars,
-                )
-            est = None
-            if usage is None:
-                est = (
-                    estimate_tokens(messages_text(common_messages(raw))),
-                    estimate_tokens(message["content"]),
-                )
-            self._record(
-                call=call,
-                stream=True,
-                http_status=error.status if error and status == "error" else 200,
-                request_body=self._req_text(raw),
-                response_body=resp_text,
-                usage=usage,
-                estimated_tokens=est,
-                error=error,
-                status=status,
-                **common,
-            )
 
     async def embeddings(self, request: Request) -> Response:
         gauge = self._inflight_embed
@@ -587,7 +449,7 @@ class Gateway:
             self.chat_completions,
             methods=["POST"],
             summary="Create a chat completion (OpenAI-compatible)",
-            openapi_extra=_CHAT_SCHEMA,
+            openapi_extra=CHAT_SCHEMA,
             response_class=Response,
         )
         r.add_api_route(
@@ -595,7 +457,7 @@ class Gateway:
             self.embeddings,
             methods=["POST"],
             summary="Create embeddings (OpenAI-compatible)",
-            openapi_extra=_EMBED_SCHEMA,
+            openapi_extra=EMBED_SCHEMA,
             response_class=Response,
         )
         r.add_api_route(
@@ -627,52 +489,6 @@ def _refusal(e: KeelError, trace_id: str) -> Response:
     elif e.status == 503:
         resp.headers["retry-after"] = "5"
     return resp
-
-
-async def _replay_sse(resp: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
-    """A cached chat.completion, sent as the stream a client asked for."""
-    base = {
-        "id": resp.get("id"),
-        "object": "chat.completion.chunk",
-        "created": resp.get("created"),
-        "model": resp.get("model"),
-    }
-    for i, ch in enumerate(resp.get("choices") or []):
-        msg = ch.get("message") or {}
-        delta = {"role": msg.get("role", "assistant"), "content": msg.get("content") or ""}
-        if msg.get("tool_calls"):
-            delta["tool_calls"] = [{**tc, "index": j} for j, tc in enumerate(msg["tool_calls"])]
-        yield (
-            b"data: "
-            + orjson.dumps(
-                {
-                    **base,
-                    "choices": [
-                        {"index": ch.get("index", i), "delta": delta, "finish_reason": None}
-                    ],
-                }
-            )
-            + b"\n\n"
-        )
-        yield (
-            b"data: "
-            + orjson.dumps(
-                {
-                    **base,
-                    "choices": [
-                        {
-                            "index": ch.get("index", i),
-                            "delta": {},
-                            "finish_reason": ch.get("finish_reason", "stop"),
-                        }
-                    ],
-                }
-            )
-            + b"\n\n"
-        )
-    if include_usage and resp.get("usage"):
-        yield b"data: " + orjson.dumps({**base, "choices": [], "usage": resp["usage"]}) + b"\n\n"
-    yield b"data: [DONE]\n\n"
 
 
 def _check_key(request: Request, alias: str) -> str | None:
@@ -717,32 +533,3 @@ def _common(
         "upstream_model": dep.model,
         "attribution": attribution,
     }
-
-
-def common_messages(raw: bytes) -> list[Any]:
-    try:
-        body = orjson.loads(raw)
-        return body.get("messages") or []
-    except (orjson.JSONDecodeError, AttributeError):
-        return []
-
-
-def _choice_text(resp: dict[str, Any]) -> str:
-    try:
-        return "".join((c.get("message") or {}).get("content") or "" for c in resp["choices"])
-    except (KeyError, TypeError, AttributeError):
-        return ""
-
-
-def _merge_tool_call(acc: dict[int, dict[str, Any]], tc: dict[str, Any]) -> None:
-    i = tc.get("index", 0)
-    cur = acc.setdefault(
-        i, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
-    )
-    if tc.get("id"):
-        cur["id"] = tc["id"]
-    fn = tc.get("function") or {}
-    if fn.get("name"):
-        cur["function"]["name"] += fn["name"]
-    if fn.get("arguments"):
-        cur["function"]["arguments"] += fn["arguments"]
