@@ -461,3 +461,34 @@ def test_cli_user_checks_from_keel_yaml(tmp_path, monkeypatch, user_module):
     good = write_jsonl(tmp_path / "good.jsonl", GOOD_CHAT)
     res = CliRunner().invoke(validate_command, [str(good), "--config", "keel.yaml"])
     assert res.exit_code == 1 and "kaboom" in res.output
+
+
+def test_validate_a_stored_version_records_its_summary(tmp_path, monkeypatch):
+    import json as _json
+
+    import sqlalchemy as sa
+    from click.testing import CliRunner as _Runner
+
+    from keel.cli import cli as keel_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keel.yaml").write_text(f"data_dir: {tmp_path / 'data'}\n")
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"a{i}"},
+            ]
+        }
+        for i in range(5)
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    r = _Runner().invoke(keel_cli, ["data", "import", "d.jsonl", "--name", "qa", "--kind", "chat"])
+    assert r.exit_code == 0, r.output
+    r = _Runner().invoke(keel_cli, ["data", "validate", "qa"])
+    assert r.exit_code == 0, r.output
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'data' / 'keel.db'}")
+    with engine.connect() as c:
+        (summary,) = c.execute(sa.text("SELECT validation FROM dataset_versions")).one()
+    stored = _json.loads(summary)
+    assert stored["ok"] is True and stored["rows"] == 5 and "chat_format" in stored["checks"]

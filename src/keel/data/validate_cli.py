@@ -110,14 +110,16 @@ def _peek(rows: Iterator[dict[str, Any]]) -> tuple[Any, Iterator[dict[str, Any]]
     return first, chain()
 
 
-def _open_ref(ref: str, config: str | None) -> tuple[str | None, Iterator[dict[str, Any]]]:
+def _open_ref(
+    ref: str, config: str | None
+) -> tuple[str | None, Iterator[dict[str, Any]], Any, Any]:
     try:
         from keel.data.cli import open_store
     except ImportError:
         raise InvalidRequest(f"{ref}: no such file") from None
     store = open_store(config, progress=False)
     info = store.get(ref)
-    return info.kind, store.read_rows(info)
+    return info.kind, store.read_rows(info), store, info
 
 
 @click.command("validate")
@@ -161,12 +163,13 @@ def validate_command(
     try:
         settings = load_settings(config)
         path = Path(source)
+        store = version = None
         if path.is_file():
             stored_kind, rows = None, read_file(path)
         elif path.suffix.lower() in READERS or path.exists():
             raise InvalidRequest(f"{source}: no such file")
         else:
-            stored_kind, rows = _open_ref(source, config)
+            stored_kind, rows, store, version = _open_ref(source, config)
         first, rows = _peek(iter(rows))
         kind = kind or stored_kind or (guess_kind(first) if first is not None else "chat")
         tl = {"model": model, "max_tokens": max_tokens, "tokenizer_path": tokenizer_path}
@@ -196,6 +199,18 @@ def validate_command(
             click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         click.echo(report.to_text())
+    if store is not None and version is not None:
+        # The version keeps the summary of its latest validation (shown by `keel data show`
+        # and /api/datasets).
+        summary = {
+            "ok": report.ok,
+            "rows": report.rows,
+            "checks": {r.name: {"severity": r.severity, "count": r.count} for r in report.results},
+        }
+        try:
+            store.set_validation(version.id, summary)
+        except Exception as e:  # the report was printed; storing it is a bonus
+            click.echo(f"warning: could not store the report on {version.id[:12]}: {e}", err=True)
     if html_path:
         Path(html_path).write_text(report.to_html(), encoding="utf-8", errors="replace")
         if not as_json:
