@@ -19,11 +19,9 @@ import contextlib
 import functools
 import hashlib
 import logging
-import re
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -31,7 +29,8 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
 from keel._ids import new_id
-from keel.config import parse_duration
+from keel.auth import _revocations
+from keel.auth._parse import PERIODS, parse_budget, parse_expires  # noqa: F401 (re-exported)
 from keel.daemon import now_ms
 from keel.errors import Conflict, InvalidRequest, KeelError, NotFound, StoreUnavailable
 from keel.store.tables import api_keys
@@ -40,14 +39,12 @@ log = logging.getLogger("keel.auth")
 
 Role = Literal["admin", "approver", "read", "user"]
 ROLES: tuple[str, ...] = ("admin", "approver", "read", "user")
-PERIODS: tuple[str, ...] = ("day", "week", "month")
 SECRET_PREFIX = "sk-keel-"
 SECRET_LEN = len(SECRET_PREFIX) + 40
 DISPLAY_PREFIX_LEN = 12
 REVOKE_CHANNEL = "keel:keys:revoked"
 NEGATIVE_CACHE_S = 1.0
 _MAX_CACHE = 10_000
-_PING_EVERY_S = 10.0
 
 
 class AuthError(KeelError):
@@ -147,50 +144,7 @@ def _record(row: Any) -> KeyRecord:
     )
 
 
-# -- parsing what people type ------------------------------------------------
-
-_AGE = re.compile(r"^\d+(\.\d+)?\s*[smhdw]$", re.IGNORECASE)
-
-
-def parse_expires(value: str, *, at_ms: int | None = None) -> int:
-    """``2027-01-01``, ``2027-01-01T12:00:00Z`` or an age from now (``30d``, ``12h``)
-    → epoch milliseconds. Raises :class:`InvalidRequest` unless it is in the future."""
-    now = at_ms or now_ms()
-    v = value.strip()
-    if _AGE.match(v):
-        ms = now + int(parse_duration(v.replace(" ", "")) * 1000)
-    else:
-        try:
-            dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
-        except ValueError:
-            raise InvalidRequest(
-                f"expires must be a date (2027-01-01), a time (2027-01-01T12:00:00Z) "
-                f"or an age (30d, 12h); got {value!r}",
-                param="expires",
-            ) from None
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=UTC)
-        ms = int(dt.timestamp() * 1000)
-    if ms <= now:
-        raise InvalidRequest(f"expires {value!r} is in the past", param="expires")
-    return ms
-
-
-def parse_budget(value: str) -> tuple[float, str]:
-    """``50`` (per month), ``50/month``, ``10/day``, ``$200/week`` → (usd, period)."""
-    amount, _, period = value.strip().lstrip("$").partition("/")
-    period = period.strip().lower() or "month"
-    try:
-        usd = float(amount)
-    except ValueError:
-        usd = -1.0
-    if usd <= 0 or period not in PERIODS:
-        raise InvalidRequest(
-            f"budget must be a positive amount of USD, optionally per day, week or month "
-            f"(50, 50/month, 10/day); got {value!r}",
-            param="budget_usd",
-        )
-    return usd, period
+# -- parsing what people type: keel.auth._parse ------------------------------
 
 
 def _check(
@@ -482,67 +436,7 @@ class KeyStore:
             await asyncio.wait_for(self._first_attempt.wait(), wait_s)
 
     async def _listen(self) -> None:
-        import redis.asyncio as aioredis
-
-        assert self.redis_url is not None and self._first_attempt is not None
-        backoff = 0.5
-        down_since: float | None = None
-        ever = False
-        while True:
-            client = aioredis.Redis.from_url(
-                self.redis_url, socket_connect_timeout=2, socket_keepalive=True
-            )
-            pubsub = client.pubsub()
-            try:
-                await pubsub.subscribe(self.channel)
-                ping_sent: float | None = None
-                while True:
-                    msg = await pubsub.get_message(timeout=_PING_EVERY_S)
-                    if msg is None:
-                        # A silent network failure would leave us subscribed to
-                        # nothing forever: ping, and give up on a missing pong.
-                        if ping_sent is not None:
-                            raise ConnectionError("Redis did not answer a ping")
-                        ping_sent = time.monotonic()
-                        await pubsub.ping()
-                        continue
-                    mtype = msg.get("type")
-                    if mtype == "message":
-                        data = msg.get("data")
-                        self.evict(data.decode() if isinstance(data, bytes) else str(data))
-                    elif mtype == "pong":
-                        ping_sent = None
-                    elif mtype == "subscribe":
-                        if ever or down_since is not None:
-                            # Revocations published while we were away are lost.
-                            self.clear()
-                            log.info("key revocations: reconnected to Redis")
-                        ever, down_since, backoff = True, None, 0.5
-                        self.subscribed = True
-                        self._first_attempt.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                self.subscribed = False
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log.warning(
-                        "key revocations: Redis at %s unreachable (%s: %s); until it is "
-                        "back, a key revoked elsewhere stays valid here for up to "
-                        "auth.key_cache_s (%.0f s)",
-                        _redact(self.redis_url),
-                        type(e).__name__,
-                        e,
-                        self.cache_s,
-                    )
-                self._first_attempt.set()
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-                with contextlib.suppress(Exception):
-                    await client.aclose()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+        await _revocations.listen(self)
 
     async def aclose(self) -> None:
         """Stop listening for revocations."""
@@ -552,7 +446,3 @@ class KeyStore:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.subscribed = False
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"//[^@/]*@", "//***@", url)

