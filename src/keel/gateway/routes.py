@@ -16,8 +16,9 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
+from keel._body import read_body
 from keel.config import GatewaySettings, RecorderSettings
-from keel.errors import InvalidRequest, KeelError, PayloadTooLarge
+from keel.errors import InvalidRequest, KeelError
 from keel.gateway.calls import (
     Attribution,
     Call,
@@ -76,22 +77,7 @@ class Gateway:
     # -- plumbing -----------------------------------------------------------
 
     async def _read_json(self, request: Request) -> tuple[bytes, Any]:
-        cl = request.headers.get("content-length")
-        if cl is not None and cl.isdigit() and int(cl) > self.max_body:
-            raise PayloadTooLarge(
-                f"request body is {cl} bytes; the limit is {self.max_body} (gateway.max_body_bytes)"
-            )
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body:
-                raise PayloadTooLarge(
-                    f"request body exceeds the limit of {self.max_body} bytes "
-                    "(gateway.max_body_bytes)"
-                )
-            chunks.append(chunk)
-        raw = b"".join(chunks)
+        raw = await read_body(request, self.max_body)
         if not raw:
             raise InvalidRequest("the request body is empty; send a JSON object")
         try:

@@ -35,6 +35,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from starlette.responses import Response
 
+from keel._body import read_body
 from keel.errors import InvalidRequest, KeelError, PayloadTooLarge, StoreUnavailable
 from keel.store.tables import spans
 from keel.tracing.spanmap import KNOWN_KINDS, RETRIEVAL_KINDS, decode_json, decode_protobuf
@@ -235,22 +236,7 @@ class OtlpIngest:
         return rows
 
     async def _read(self, request: Request) -> bytes:
-        cl = request.headers.get("content-length")
-        if cl is not None and cl.isdigit() and int(cl) > self.max_body:
-            raise PayloadTooLarge(
-                f"request body is {cl} bytes; the limit is {self.max_body} (gateway.max_body_bytes)"
-            )
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body:
-                raise PayloadTooLarge(
-                    f"request body exceeds the limit of {self.max_body} bytes "
-                    "(gateway.max_body_bytes)"
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, self.max_body)
 
     async def handle(self, request: Request) -> Response:
         ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
