@@ -158,12 +158,19 @@ def db_upgrade(path: str | None) -> None:
 # -- traces ------------------------------------------------------------------
 
 
+def _auth_headers() -> dict[str, str]:
+    """The key the CLI sends when Keel requires one ($KEEL_API_KEY, e.g. a read key)."""
+    key = os.environ.get("KEEL_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def _api(url: str, path: str, params: dict[str, Any] | None = None) -> Any:
     try:
         r = httpx.get(
             f"{url.rstrip('/')}{path}",
             params={k: v for k, v in (params or {}).items() if v is not None},
             timeout=30,
+            headers=_auth_headers(),
         )
     except httpx.HTTPError as e:
         _fail(
@@ -397,7 +404,12 @@ def alerts_silence(
         "created_by": os.environ.get("USER"),
     }
     try:
-        r = httpx.post(f"{url.rstrip('/')}/api/alerts/silences", json=body, timeout=30)
+        r = httpx.post(
+            f"{url.rstrip('/')}/api/alerts/silences",
+            json=body,
+            timeout=30,
+            headers=_auth_headers(),
+        )
     except httpx.HTTPError as e:
         _fail(f"cannot reach Keel at {url} ({type(e).__name__}); is `keel up` running?")
     if r.status_code >= 400:
@@ -415,7 +427,12 @@ def alerts_silence(
 def alerts_test(channel: str, url: str) -> None:
     """Send a test message to CHANNEL and say whether it arrived."""
     try:
-        r = httpx.post(f"{url.rstrip('/')}/api/alerts/test", json={"channel": channel}, timeout=120)
+        r = httpx.post(
+            f"{url.rstrip('/')}/api/alerts/test",
+            json={"channel": channel},
+            timeout=120,
+            headers=_auth_headers(),
+        )
     except httpx.HTTPError as e:
         _fail(f"cannot reach Keel at {url} ({type(e).__name__}); is `keel up` running?")
     body = r.json()
