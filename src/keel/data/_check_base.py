@@ -83,6 +83,9 @@ def _digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+_UNSET: Any = object()
+
+
 class Context:
     """What a check receives: the dataset kind, its own options, and per-row
     values computed once and shared by the checks (text, digest)."""
@@ -103,15 +106,36 @@ class Context:
         return c
 
     def _set_row(self, i: int, row: dict[str, Any]) -> None:
+        self._chat: Any = _UNSET
         self._strings: list[str] | None = None
         self._plain: str | None = None
         self._text: str | None = None
         self._digest: bytes | None = None
 
+    def chat(self, row: dict[str, Any]) -> tuple[list[Any], list[str]] | None:
+        """(roles, content texts) of a chat row whose messages are a list of
+        objects only; None otherwise (and for the other kinds)."""
+        sh = self._shared
+        parts = sh._chat
+        if parts is _UNSET:
+            parts = None
+            if self.kind == "chat":
+                msgs = row.get("messages")
+                if type(msgs) is list and all(type(m) is dict for m in msgs):
+                    roles = [m.get("role") for m in msgs]
+                    texts = []
+                    for m in msgs:
+                        c = m.get("content")
+                        texts.append(c if type(c) is str else _content_text(c))
+                    parts = (roles, texts)
+            sh._chat = parts
+        return parts
+
     def strings(self, row: dict[str, Any]) -> list[str]:
         sh = self._shared
         if sh._strings is None:
-            sh._strings = row_strings(self.kind, row)
+            parts = self.chat(row)
+            sh._strings = parts[1] if parts is not None else row_strings(self.kind, row)
         return sh._strings
 
     def plain(self, row: dict[str, Any]) -> str:
@@ -124,7 +148,11 @@ class Context:
     def text(self, row: dict[str, Any]) -> str:
         sh = self._shared
         if sh._text is None:
-            sh._text = canonical_text(self.kind, row)
+            parts = self.chat(row)
+            if parts is not None:
+                sh._text = "\n".join([f"{r}: {t}" for r, t in zip(*parts, strict=True)])
+            else:
+                sh._text = canonical_text(self.kind, row)
         return sh._text
 
     def digest(self, row: dict[str, Any]) -> bytes:

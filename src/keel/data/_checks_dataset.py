@@ -155,7 +155,11 @@ class LeakageCheck(Check):
 
     def _key(self, row: dict[str, Any]) -> bytes:
         kind = self.ctx.kind
-        if kind == "chat":
+        parts = self.ctx.chat(row)
+        if parts is not None:
+            roles, texts = parts
+            text = "\n".join([t for r, t in zip(roles, texts, strict=True) if r == "user"])
+        elif kind == "chat":
             msgs = row.get("messages")
             text = (
                 "\n".join(

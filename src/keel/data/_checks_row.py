@@ -3,6 +3,7 @@ and token length."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any
 
@@ -116,6 +117,9 @@ class EmptyFieldsCheck(Check):
             return
         kind = self.ctx.kind
         if kind == "chat":
+            parts = self.ctx.chat(row)
+            if parts is not None and all(map(str.strip, parts[1])):
+                return  # every message has text
             msgs = row.get("messages")
             if not isinstance(msgs, list):
                 return
@@ -197,12 +201,28 @@ class TokenLengthCheck(Check):
         self.extra: list[int] = []
         self.total = 0
         self.longest = (0, -1)
+        self.over_by_role: dict[str, int] = {}
 
     def feed(self, i: int, row: dict[str, Any]) -> None:
         if not isinstance(row, dict):
             return
         kind = self.ctx.kind
-        if kind == "chat":
+        parts = self.ctx.chat(row)
+        if parts is not None:
+            roles, texts = parts
+            try:
+                over = 3 + sum(map(self.over_by_role.__getitem__, roles))
+            except (KeyError, TypeError):
+                over = 3
+                for r in roles:
+                    n = self.counter.overhead(str(r))
+                    if type(r) is str:
+                        self.over_by_role[r] = n
+                    over += n
+            self.pending.append((i, len(self.texts), len(texts)))
+            self.texts += texts
+            self.extra.append(over)
+        elif kind == "chat":
             msgs = row.get("messages")
             if not isinstance(msgs, list):
                 return
@@ -222,15 +242,24 @@ class TokenLengthCheck(Check):
             self._flush()
 
     def _flush(self) -> None:
+        if not self.pending:
+            return
         counts = self.counter.count_batch(self.texts)
         limit = self.limit
-        for (i, start, n), extra in zip(self.pending, self.extra, strict=True):
-            tokens = extra + sum(counts[start : start + n])
-            self.total += tokens
-            if tokens > self.longest[0]:
-                self.longest = (tokens, i)
-            if limit is not None and tokens > limit:
-                self.flag(i, f"{tokens} tokens > {limit}", tokens=tokens)
+        # Per-row sums: cumulative counts at each row's text bounds.
+        cum = [0, *itertools.accumulate(counts)]
+        tokens_by_row = [
+            extra + cum[start + n] - cum[start]
+            for (_, start, n), extra in zip(self.pending, self.extra, strict=True)
+        ]
+        self.total += sum(tokens_by_row)
+        top = max(tokens_by_row)
+        if top > self.longest[0]:
+            self.longest = (top, self.pending[tokens_by_row.index(top)][0])
+        if limit is not None and top > limit:
+            for (i, _, _), tokens in zip(self.pending, tokens_by_row, strict=True):
+                if tokens > limit:
+                    self.flag(i, f"{tokens} tokens > {limit}", tokens=tokens)
         self.pending, self.texts, self.extra = [], [], []
 
     def finish(self) -> CheckResult:

@@ -50,6 +50,8 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 class MinHasher:
     """Batched MinHash signatures (rows × num_perm, uint32)."""
 
+    _CHUNK = 8192
+
     def __init__(self, num_perm: int = 64, seed: int = 1) -> None:
         from datasketch import MinHash
 
@@ -65,13 +67,26 @@ class MinHasher:
         lens = np.asarray(lengths, dtype=np.int64)
         row = np.repeat(np.arange(len(lens)), lens)
         sh = shingle_hashes(w)[row[:-2] == row[2:]]
-        offsets = np.concatenate(([0], np.cumsum(lens - 2)[:-1]))
+        ends = np.cumsum(lens - 2)
+        offsets = np.concatenate(([0], ends[:-1]))
         hv = _fmix32(sh)
-        # (num_perm, shingles), wrapping mod 2^32; in place: a fresh temporary
-        # of this size costs more in page faults than the arithmetic.
-        phv = np.multiply(self.a, hv[None, :])
-        phv += self.b
-        return np.minimum.reduceat(phv, offsets, axis=1).T.copy()
+        n = len(lens)
+        out = np.empty((self.num_perm, n), dtype=np.uint32)
+        # (num_perm, shingles), wrapping mod 2^32, a few thousand shingles at a
+        # time (whole rows) in one reused buffer that stays in cache.
+        chunk = self._CHUNK
+        buf = np.empty((self.num_perm, chunk + int(lens.max())), dtype=np.uint32)
+        r0 = 0
+        while r0 < n:
+            s0 = int(offsets[r0])
+            r1 = max(r0 + 1, int(np.searchsorted(ends, s0 + chunk, side="right")))
+            s1 = int(ends[r1 - 1])
+            v = buf[:, : s1 - s0]
+            np.multiply(self.a, hv[None, s0:s1], out=v)
+            v += self.b
+            np.minimum.reduceat(v, offsets[r0:r1] - s0, axis=1, out=out[:, r0:r1])
+            r0 = r1
+        return out.T.copy()
 
 
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:

@@ -127,6 +127,9 @@ class _LlamaTokens(_Estimate):
         sp = self._memo_sp
         if len(sp) > 2_000_000:
             sp.clear()
+        joined = " ".join(texts)
+        if joined.isprintable() and "  " not in joined:
+            return self._count_spaced(texts, joined)
         pieces: list[tuple[bool, list[str]]] = []
         unseen: set[str] = set()
         unseen_sp: set[str] = set()
@@ -153,6 +156,35 @@ class _LlamaTokens(_Estimate):
         return [
             get(pcs[0]) + sum(map(get_sp, pcs[1:])) if split else sum(map(get, pcs))
             for split, pcs in pieces
+        ]
+
+    def _count_spaced(self, texts: list[str], joined: str) -> list[int]:
+        """count_batch when every text has single spaces as its only
+        whitespace: the words of all texts come from one split of the texts
+        joined by a space; each text counts its first word bare and the
+        others as " " + word."""
+        memo, sp = self._memo, self._memo_sp
+        words = joined.split(" ")
+        lens = [t.count(" ") + 1 for t in texts]
+        starts = [0, *itertools.accumulate(lens)]
+        starts.pop()
+        firsts = [words[k] for k in starts]
+        counts = list(map(sp.get, words))
+        if None in counts:
+            unseen_sp = set(itertools.filterfalse(sp.__contains__, words))
+            spaced = [" " + w for w in unseen_sp]
+            self._learn(set(spaced) - memo.keys())
+            for w, p in zip(unseen_sp, spaced, strict=True):
+                sp[w] = memo[p]
+            counts = list(map(sp.__getitem__, words))
+        unseen = set(itertools.filterfalse(memo.__contains__, firsts))
+        if unseen:
+            self._learn(unseen)
+        cum = [0, *itertools.accumulate(counts)]
+        get, get_sp = memo.__getitem__, sp.__getitem__
+        return [
+            cum[s + n] - cum[s] - get_sp(f) + get(f)
+            for s, n, f in zip(starts, lens, firsts, strict=True)
         ]
 
     def _learn(self, unseen: set[str]) -> None:
