@@ -389,3 +389,17 @@ def test_long_firing_alert_is_renotified(keel_factory, receiver):
     (again,) = receiver.wait_for("renotify", timeout=10)[:1]
     assert again["rule"] == "gpt-errors" and "STILL FIRING" in again["summary"]
     assert len(receiver.alerts("firing")) == 1
+
+
+def test_deliveries_are_counted_in_metrics(keel_factory, receiver):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    keel = keel_factory(**alerting(receiver))
+    res = CliRunner().invoke(cli, ["alerts", "test", "hook", "--url", keel.url])
+    assert res.exit_code == 0, res.output
+    samples = {
+        (s.name, s.labels.get("channel"), s.labels.get("status")): s.value
+        for fam in text_string_to_metric_families(httpx.get(keel.url + "/metrics").text)
+        for s in fam.samples
+    }
+    assert samples[("keel_alert_deliveries_total", "hook", "sent")] == 1

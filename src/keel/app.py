@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -163,6 +163,13 @@ def create_app(
     alerts_api.validate_alert_config(settings.alerts)
     base_url = settings.alerts.dashboard_url or f"http://{settings.host}:{settings.port}"
     dispatcher = Dispatcher.from_settings(engine, settings.alerts, env, dashboard_url=base_url)
+    deliveries = Counter(
+        "keel_alert_deliveries",
+        "Alert notifications delivered, by channel and outcome.",
+        ["channel", "kind", "status"],
+        registry=registry,
+    )
+    dispatcher.on_record = lambda r: deliveries.labels(r.channel, r.kind, r.status).inc()
     alert_engine = AlertEngine(engine, settings.alerts, dispatcher, base_url)
     daemons.append(alert_engine)
     registry.register(CallbackCollector(recorder_families(recorder)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -98,6 +98,8 @@ class Dispatcher:
         self.dashboard_url = dashboard_url
         self._session = session
         self._tasks: set[asyncio.Task[DeliveryRecord]] = set()
+        #: Called with every finished delivery (sent or failed), e.g. to count it.
+        self.on_record: Callable[[DeliveryRecord], None] | None = None
         # One delivery at a time per channel, so "resolved" never overtakes "firing".
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -277,6 +279,11 @@ class Dispatcher:
         )
 
     async def _save(self, record: DeliveryRecord) -> DeliveryRecord:
+        if self.on_record is not None:
+            try:
+                self.on_record(record)
+            except Exception:
+                log.exception("delivery observer failed")
         if self.engine is not None:
             try:
                 await asyncio.to_thread(self._write_logged, record)
