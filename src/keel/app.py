@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from keel.costs import PriceCatalog, Pricer
 from keel.costs import api as costs_api
 from keel.data import api as data_api
 from keel.data.versions import DatasetStore
-from keel.errors import InvalidRequest, KeelError, NotFound
+from keel.errors import ConfigError, InvalidRequest, KeelError, NotFound
 from keel.gateway import limits as limits_mod
 from keel.gateway.limits import Limits
 from keel.gateway.providers.base import PROVIDER_KINDS, Provider
@@ -58,6 +58,8 @@ from keel.tracing import api as traces_api
 from keel.tracing import otlp
 
 log = logging.getLogger("keel")
+
+ROLES = ("gateway", "daemons")
 
 
 @dataclass
@@ -122,9 +124,18 @@ def create_app(
     *,
     environ: Mapping[str, str] | None = None,
     engine: Engine | None = None,
+    roles: Collection[str] = ROLES,
 ) -> FastAPI:
     """Build the ASGI app. Reads nothing from the environment unless ``environ`` is given
-    (``cli.py`` passes ``os.environ`` so provider keys can be resolved)."""
+    (``cli.py`` passes ``os.environ`` so provider keys can be resolved).
+
+    ``roles``: ``gateway`` serves the OpenAI-compatible routes and OTLP ingest;
+    ``daemons`` runs the once-per-deployment loops (alerts, probes, retention).
+    ``keel up`` runs both; ``keel up --role gateway`` and ``keel worker`` split them.
+    The REST API, /metrics and the resource sampler are in every process."""
+    unknown = set(roles) - set(ROLES)
+    if unknown or not roles:
+        raise ConfigError(f"roles must be among {', '.join(ROLES)}; got {sorted(roles)}")
     env = dict(environ or {})
     data_dir = Path(settings.data_dir)
     engine = engine or make_engine(settings.effective_database_url)
@@ -149,12 +160,14 @@ def create_app(
         ResourceSampler(
             engine, registry, interval_s=settings.monitoring.sample_interval_s, recorder=recorder
         ),
-        RetentionDaemon(engine, settings.retention),
     ]
+    if "daemons" in roles:
+        daemons.append(RetentionDaemon(engine, settings.retention))
     probe_daemon = ProbeDaemon(
         engine, settings.components, providers, settings.monitoring, env, registry
     )
-    daemons.append(probe_daemon)
+    if "daemons" in roles:
+        daemons.append(probe_daemon)
     import keel.alerts.sources  # noqa: F401  (registers the signals)
     from keel.alerts import budget_signal
 
@@ -171,7 +184,8 @@ def create_app(
     )
     dispatcher.on_record = lambda r: deliveries.labels(r.channel, r.kind, r.status).inc()
     alert_engine = AlertEngine(engine, settings.alerts, dispatcher, base_url)
-    daemons.append(alert_engine)
+    if "daemons" in roles:
+        daemons.append(alert_engine)
     registry.register(CallbackCollector(recorder_families(recorder)))
     registry.register(CallbackCollector(daemon_families(lambda: daemons)))
     pricer = Pricer(PriceCatalog.for_settings(settings), registry)
@@ -253,9 +267,11 @@ def create_app(
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(KeelError("internal error; the details are in Keel's log"))
 
-    app.include_router(gateway.api_router())
+    if "gateway" in roles:
+        app.include_router(gateway.api_router())
     app.include_router(traces_api.make_router(engine))
-    app.include_router(otlp.make_router(engine, registry, settings.gateway.max_body_bytes))
+    if "gateway" in roles:
+        app.include_router(otlp.make_router(engine, registry, settings.gateway.max_body_bytes))
     app.include_router(metrics_api.make_router(engine))
     app.include_router(components_api.make_router(engine, probe_daemon))
     app.include_router(alerts_api.make_router(engine, settings.alerts, dispatcher))

@@ -43,15 +43,12 @@ def version() -> None:
     click.echo(f"keel {__version__}")
 
 
-@cli.command()
-@click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1].")
-@click.option("--port", type=int, default=None, help="Port [default: 4000].")
-@click.option("--data-dir", default=None, help="Data directory [default: ./.keel].")
-@click.option(
-    "--config", "config", default=None, help="keel.yaml [default: ./keel.yaml if present]."
-)
-def up(host: str | None, port: int | None, data_dir: str | None, config: str | None) -> None:
-    """Start Keel: gateway, API and recorder, on SQLite and the local model by default."""
+_ROLE_SETS = {"all": ("gateway", "daemons"), "gateway": ("gateway",), "worker": ("daemons",)}
+
+
+def _serve(
+    host: str | None, port: int | None, data_dir: str | None, config: str | None, role: str
+) -> None:
     import uvicorn
 
     from keel.app import create_app
@@ -66,15 +63,23 @@ def up(host: str | None, port: int | None, data_dir: str | None, config: str | N
     # the default 5 ms switch interval the event loop could wait that long for
     # it. 0.5 ms keeps the gateway's tail latency low (bench/gateway_overhead.py).
     sys.setswitchinterval(0.0005)
-    app = create_app(s, environ=dict(os.environ))
+    app = create_app(s, environ=dict(os.environ), roles=_ROLE_SETS[role])
+    what = {"all": "", "gateway": " [role: gateway]", "worker": " [role: worker]"}[role]
     click.echo(
-        f"keel {__version__} on http://{s.host}:{s.port}  (store: "
+        f"keel {__version__}{what} on http://{s.host}:{s.port}  (store: "
         f"{_redact(s.effective_database_url)}, models: "
         f"{', '.join(app.state.keel.router.names()) or 'none'})"
     )
-    click.echo(
-        f"  OpenAI base URL: http://{s.host}:{s.port}/v1   API docs: http://{s.host}:{s.port}/docs"
-    )
+    if role != "worker":
+        click.echo(
+            f"  OpenAI base URL: http://{s.host}:{s.port}/v1   "
+            f"API docs: http://{s.host}:{s.port}/docs"
+        )
+    else:
+        click.echo(
+            "  runs alerts, probes and retention (one replica leads each); "
+            "serves the API and /metrics"
+        )
     uvicorn.run(
         app,
         host=s.host,
@@ -85,6 +90,47 @@ def up(host: str | None, port: int | None, data_dir: str | None, config: str | N
         http="httptools",
         timeout_graceful_shutdown=10,
     )
+
+
+_server_options = [
+    click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1]."),
+    click.option("--data-dir", default=None, help="Data directory [default: ./.keel]."),
+    click.option(
+        "--config", "config", default=None, help="keel.yaml [default: ./keel.yaml if present]."
+    ),
+]
+
+
+def _with_server_options(f: Any) -> Any:
+    for opt in reversed(_server_options):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@_with_server_options
+@click.option("--port", type=int, default=None, help="Port [default: 4000].")
+@click.option(
+    "--role",
+    type=click.Choice(list(_ROLE_SETS)),
+    default="all",
+    show_default=True,
+    help="all: everything in one process; gateway: serve calls, no background jobs "
+    "(run `keel worker` somewhere).",
+)
+def up(
+    host: str | None, port: int | None, data_dir: str | None, config: str | None, role: str
+) -> None:
+    """Start Keel: gateway, API and recorder, on SQLite and the local model by default."""
+    _serve(host, port, data_dir, config, role)
+
+
+@cli.command()
+@_with_server_options
+@click.option("--port", type=int, default=4001, show_default=True, help="Port.")
+def worker(host: str | None, port: int, data_dir: str | None, config: str | None) -> None:
+    """Run the background jobs (alerts, probes, retention) without the gateway."""
+    _serve(host, port, data_dir, config, "worker")
 
 
 def _redact(url: str) -> str:
