@@ -165,9 +165,16 @@ async def test_verify_cache_hit_is_cheap(engine: Any) -> None:
     t = time.perf_counter()
     for _ in range(n):
         await ks.verify(secret)
-    us = (time.perf_counter() - t) / n * 1e6
-    print(f"verify on a cache hit: {us:.2f} µs")
-    assert us < 50
+    verify = time.perf_counter() - t
+    import hashlib
+
+    t = time.perf_counter()
+    for _ in range(n):
+        hashlib.sha256(secret.encode()).hexdigest()
+    floor = time.perf_counter() - t
+    print(f"verify on a cache hit: {verify / n * 1e6:.2f} µs (sha256 alone {floor / n * 1e6:.2f})")
+    # No store round trip on a hit: within a small factor of hashing the secret.
+    assert verify < 25 * floor + 0.05
 
 
 # -- replicas and Redis ---------------------------------------------------------

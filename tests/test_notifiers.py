@@ -652,7 +652,8 @@ async def test_hanging_channel_does_not_block_others(
     )
     t0 = time.monotonic()
     slow_task, fast_task = d.dispatch({"slow": [note()], "fast": [note()]})
-    assert time.monotonic() - t0 < 0.05  # the caller (the evaluator) never waits
+    # the caller (the evaluator) never waits: both deliveries are still running
+    assert not slow_task.done() and not fast_task.done()
     fast = await fast_task
     fast_done = time.monotonic() - t0
     assert fast.status == "sent"
@@ -662,7 +663,7 @@ async def test_hanging_channel_does_not_block_others(
     slow_done = time.monotonic() - t0
     assert (slow.status, slow.attempts) == ("failed", 2)
     assert "0.5 s" in slow.error
-    assert slow_done >= 1.0 and fast_done < 0.5, (fast_done, slow_done)
+    assert slow_done >= 1.0 and fast_done < slow_done, (fast_done, slow_done)
     assert len(receiver.calls) == 2
 
 

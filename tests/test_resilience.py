@@ -91,7 +91,8 @@ def test_deployment_timeout_moves_on(keel_factory, fake):
     )
     t0 = time.perf_counter()
     r = chat(keel, "ha")
-    assert r.status_code == 200 and time.perf_counter() - t0 < 1.5
+    # the slow deployment answers after 2 s: anything under that means it was cut off
+    assert r.status_code == 200 and time.perf_counter() - t0 < 1.9
     (t,) = keel.rows()
     assert t["upstream_model"] == "fake" and json.loads(t["tags"])["_attempts"] == "2"
 
