@@ -311,7 +311,7 @@ class Gateway:
                 call,
                 agen,
                 first,
-                raw,
+                body["messages"],
                 common,
                 client_wants_usage,
                 gauge,

@@ -18,7 +18,7 @@ async def relay(
     call: Call,
     agen: AsyncIterator[tuple[bytes, dict[str, Any]]],
     first: tuple[bytes, dict[str, Any]] | None,
-    raw: bytes,
+    messages: list[Any],
     common: dict[str, Any],
     client_wants_usage: bool,
     gauge: Any = None,
@@ -100,7 +100,7 @@ async def relay(
         est = None
         if usage is None:
             est = (
-                estimate_tokens(messages_text(common_messages(raw))),
+                estimate_tokens(messages_text(messages)),
                 estimate_tokens(message["content"]),
             )
         record(
@@ -161,14 +161,6 @@ async def replay_sse(resp: dict[str, Any], include_usage: bool) -> AsyncIterator
     if include_usage and resp.get("usage"):
         yield b"data: " + orjson.dumps({**base, "choices": [], "usage": resp["usage"]}) + b"\n\n"
     yield b"data: [DONE]\n\n"
-
-
-def common_messages(raw: bytes) -> list[Any]:
-    try:
-        body = orjson.loads(raw)
-        return body.get("messages") or []
-    except (orjson.JSONDecodeError, AttributeError):
-        return []
 
 
 def choice_text(resp: dict[str, Any]) -> str:

@@ -61,11 +61,6 @@ def _add(a: dict[str, Any], r: dict[str, Any], lat_col: str, ttft_col: str | Non
         a[ttft_col] += 1
 
 
-def rollup_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Aggregate trace rows into one rollup row per (minute, model, provider, endpoint, status)."""
-    return rollup_all(rows)[0]
-
-
 def rollup_all(
     rows: Iterable[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -127,10 +122,6 @@ def _upsert(
     conn.exec_driver_sql(sql, [tuple(r[c] for c in cols) for r in rows])
 
 
-def upsert_rollups(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    _upsert(conn, rollups_minute, ROLLUP_KEYS, rows)
-
-
 def write_rollups(conn: Connection, trace_rows: list[dict[str, Any]]) -> None:
     """Add a batch of traces to every rollup table (same transaction as the traces)."""
     minute, hour, dims = rollup_all(trace_rows)
@@ -172,4 +163,4 @@ def percentile(buckets: Sequence[int], q: float) -> float | None:
     return BUCKET_BOUNDS_MS[-1]
 
 
-__all__ = ["N_BUCKETS", "percentile", "rollup_all", "rollup_rows", "write_rollups"]
+__all__ = ["N_BUCKETS", "percentile", "rollup_all", "write_rollups"]
