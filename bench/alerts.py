@@ -19,14 +19,11 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
-
-import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).parent))
 import keel.alerts.sources  # noqa: F401
-from _harness import table
+from _harness import pg_database, table
 from keel.alerts.engine import RuleEvaluator
 from keel.config import AlertsSettings
 from keel.store.engine import make_engine, migrate
@@ -143,15 +140,8 @@ def main() -> None:
     rows: list = []
     with tempfile.TemporaryDirectory() as d:
         run("SQLite", f"sqlite:///{d}/a.db", a, rows)
-    admin = sa.create_engine(a.pg, isolation_level="AUTOCOMMIT")
-    db = f"keel_bench_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{db}"'))
-    try:
-        run("PostgreSQL", a.pg.rsplit("/", 1)[0] + f"/{db}", a, rows)
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE "{db}" WITH (FORCE)'))
+    with pg_database(a.pg) as url:
+        run("PostgreSQL", url, a, rows)
     print(
         f"alert evaluation: {a.rules} rules over {a.days} days of rollups (10 models), "
         f"median of {a.rounds} rounds, on {os.cpu_count()} cores"

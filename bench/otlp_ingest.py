@@ -21,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import cpu_seconds, free_port, table, wait_port
+from _harness import cpu_seconds, free_port, pg_database, table, wait_port
 
 BATCH = 512
 # With two or more CPUs the server runs on CPU 0 alone and this client on the
@@ -171,26 +170,6 @@ def run(db: str | None, batches: list[list], threads: int) -> dict:
             stored = c.execute(sa.text("SELECT count(*) FROM spans")).scalar()
         eng.dispose()
     return {"n": n, "wall": wall, "cpu": cpu, "stored": stored, "failed": sum(failures)}
-
-
-@contextlib.contextmanager
-def pg_database(admin_url: str) -> Iterator[str]:
-    name = f"keel_bench_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
-                ),
-                {"n": name},
-            )
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 def main() -> None:

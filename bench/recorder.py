@@ -16,14 +16,13 @@ import random
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import orjson
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import table
+from _harness import pg_database, table
 from keel._ids import new_id
 from keel.store.engine import make_engine, migrate
 from keel.store.recorder import Recorder
@@ -136,15 +135,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         rows.append(run("SQLite (WAL)", f"sqlite:///{d}/bench.db", traces))
-    admin = sa.create_engine(a.pg, isolation_level="AUTOCOMMIT")
-    db = f"keel_bench_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{db}"'))
-    try:
-        rows.append(run("PostgreSQL", a.pg.rsplit("/", 1)[0] + f"/{db}", make_traces(a.traces)))
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE "{db}" WITH (FORCE)'))
+    with pg_database(a.pg) as url:
+        rows.append(run("PostgreSQL", url, make_traces(a.traces)))
     print(f"recorder: {a.traces} traces per store, batches of 1000, rollups maintained")
     print(
         table(

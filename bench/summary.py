@@ -15,13 +15,12 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import table
+from _harness import pg_database, table
 from keel.monitoring import summary as sm
 from keel.store.engine import make_engine, migrate
 from keel.store.rollups import write_rollups
@@ -123,15 +122,8 @@ def main() -> None:
     rows: list = []
     with tempfile.TemporaryDirectory() as d:
         bench("SQLite", f"sqlite:///{d}/s.db", a, rows)
-    admin = sa.create_engine(a.pg, isolation_level="AUTOCOMMIT")
-    db = f"keel_bench_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{db}"'))
-    try:
-        bench("PostgreSQL", a.pg.rsplit("/", 1)[0] + f"/{db}", a, rows)
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE "{db}" WITH (FORCE)'))
+    with pg_database(a.pg) as url:
+        bench("PostgreSQL", url, a, rows)
     print(f"summaries over {a.days} days of rollups, {a.models} models, median of {a.repeat}")
     print(table(["store", "query", "median ms", "max ms"], rows))
 

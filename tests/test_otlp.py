@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import sqlalchemy as sa
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -30,7 +29,7 @@ from opentelemetry.proto.common.v1.common_pb2 import (
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from conftest import KeelServer, make_settings
+from conftest import KeelServer, make_settings, set_pg_connections
 from keel.testing.fake_upstream import FakeUpstream
 from keel.tracing.spanmap import map_span, span_kind
 from keel.tracing.tree import build_tree, trace_tree
@@ -511,22 +510,6 @@ def test_oversized_bodies_are_413(otlp_factory: Any) -> None:
 # -- store down -----------------------------------------------------------------
 
 
-def _set_pg_connections(url: str, allow: bool) -> None:
-    name = url.rsplit("/", 1)[1]
-    admin = sa.create_engine(url.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}'))
-        if not allow:
-            c.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :n AND pid <> pg_backend_pid()"
-                ),
-                {"n": name},
-            )
-    admin.dispose()
-
-
 def _readable_spans(n: int) -> list[Any]:
     from opentelemetry.sdk.resources import Resource as SdkResource
     from opentelemetry.sdk.trace import ReadableSpan
@@ -557,7 +540,7 @@ def test_store_down_503_then_exporter_retry_lands_exactly_once(
 
     k = otlp_factory(database_url=pg_url)
     spans = _readable_spans(50)
-    _set_pg_connections(pg_url, False)
+    set_pg_connections(pg_url, False)
     try:
         r = k.post(pb_request([pb_span(os.urandom(16), "down", {})]), PB)
         assert r.status_code == 503, r.text
@@ -570,7 +553,7 @@ def test_store_down_503_then_exporter_retry_lands_exactly_once(
         time.sleep(1.5)  # the exporter is retrying on 503
         assert t.is_alive()
     finally:
-        _set_pg_connections(pg_url, True)
+        set_pg_connections(pg_url, True)
     t.join(30)
     assert result == [SpanExportResult.SUCCESS]
     # a late duplicate retry changes nothing

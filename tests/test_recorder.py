@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from conftest import set_pg_connections
 from keel._ids import new_id
 from keel.store.engine import current_revision, head_revision, make_engine, migrate
 from keel.store.recorder import Recorder
@@ -151,22 +152,6 @@ def test_unwritable_spill_counts_drops(tmp_path):
     assert rec.stats.dropped == 1 and rec.stats.last_error.startswith("spill failed")
 
 
-def _set_pg_connections(url: str, allow: bool) -> None:
-    name = url.rsplit("/", 1)[1]
-    admin = sa.create_engine(url.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}'))
-        if not allow:
-            c.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :n AND pid <> pg_backend_pid()"
-                ),
-                {"n": name},
-            )
-    admin.dispose()
-
-
 @pytest.mark.postgres
 def test_store_down_calls_succeed_spill_and_replay_exactly_once(keel_factory, pg_url):
     keel = keel_factory(
@@ -181,7 +166,7 @@ def test_store_down_calls_succeed_spill_and_replay_exactly_once(keel_factory, pg
             == 200
         )
     keel.flush()
-    _set_pg_connections(pg_url, allow=False)
+    set_pg_connections(pg_url, allow=False)
     try:
         ids = []
         for i in range(20):
@@ -200,7 +185,7 @@ def test_store_down_calls_succeed_spill_and_replay_exactly_once(keel_factory, pg
         assert stats["spilled"] == 20 and stats["store_up"] is False
         assert httpx.get(keel.url + "/readyz").status_code == 503
     finally:
-        _set_pg_connections(pg_url, allow=True)
+        set_pg_connections(pg_url, allow=True)
     deadline = time.time() + 15
     while time.time() < deadline:
         if httpx.get(keel.url + "/api/recorder").json()["replayed"] == 20:
