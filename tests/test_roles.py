@@ -11,7 +11,7 @@ from keel.errors import ConfigError
 
 
 def test_gateway_and_worker_split_the_work(fake, tmp_path):
-    settings = make_settings(fake, tmp_path / "shared")
+    settings = make_settings(fake, tmp_path / "shared", local={"enabled": True})
     gw = KeelServer(settings)
     gw.app = create_app(settings, environ={"FAKE_KEY": "k"}, roles=("gateway",))
     gw.server.config.app = gw.app
@@ -32,6 +32,10 @@ def test_gateway_and_worker_split_the_work(fake, tmp_path):
         gw.flush()
         assert len(httpx.get(wk.url + "/api/traces").json()["data"]) == 1
         assert httpx.get(wk.url + "/metrics").status_code == 200
+        # the worker does not load the embedded model the gateways serve
+        assert all(
+            p.kind != "local" or not p.available for p in wk.app.state.keel.providers.values()
+        )
     finally:
         gw.stop()
         wk.stop()

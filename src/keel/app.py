@@ -163,8 +163,12 @@ def create_app(
     ]
     if "daemons" in roles:
         daemons.append(RetentionDaemon(engine, settings.retention))
+    # The embedded model lives in each gateway process: a worker neither loads it
+    # nor probes it (its health is that of the gateways, probed where they run).
+    serving = "gateway" in roles
+    probed = providers if serving else {n: p for n, p in providers.items() if p.kind != "local"}
     probe_daemon = ProbeDaemon(
-        engine, settings.components, providers, settings.monitoring, env, registry
+        engine, settings.components, probed, settings.monitoring, env, registry
     )
     if "daemons" in roles:
         daemons.append(probe_daemon)
@@ -212,7 +216,7 @@ def create_app(
         await keystore.start()
         await limits.start()
         recorder.start()
-        for p in providers.values():
+        for p in providers.values() if serving else ():
             try:
                 await p.start()
             except Exception:
