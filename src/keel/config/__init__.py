@@ -34,6 +34,13 @@ from keel.config.alerts import (
     parse_duration,
 )
 from keel.config.costs import BudgetSettings, PriceSettings, PriceTier
+from keel.config.quality import (
+    DriftMonitorSettings,
+    DriftReferenceSettings,
+    DriftSettings,
+    EvalsSettings,
+    OnlineEvaluatorSettings,
+)
 from keel.config.sections import (
     ENV_PREFIX,
     AuthSettings,
@@ -71,12 +78,17 @@ __all__ = [
     "ConditionSettings",
     "DataSettings",
     "DeploymentSettings",
+    "DriftMonitorSettings",
+    "DriftReferenceSettings",
+    "DriftSettings",
     "Duration",
+    "EvalsSettings",
     "GatewaySettings",
     "LimitsSettings",
     "LocalSettings",
     "ModelAliasSettings",
     "MonitoringSettings",
+    "OnlineEvaluatorSettings",
     "PriceSettings",
     "PriceTier",
     "PromptSettings",
@@ -125,6 +137,8 @@ class Settings(_Section):
     prompts: PromptSettings = Field(default_factory=PromptSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     redaction: RedactionSettings = Field(default_factory=RedactionSettings)
+    evals: EvalsSettings = Field(default_factory=EvalsSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
     budgets: list[BudgetSettings] = Field(
         default_factory=list, description="Spend limits per period (USD)."
     )

@@ -394,3 +394,6 @@ prompt_labels = Table(
     Column("updated_at_ms", BigInteger, nullable=False),
     Column("updated_by", String(200)),
 )
+
+# Quality-monitoring tables live in their own module (the schema is still one).
+from keel.store import tables_quality as _quality  # noqa: E402, F401

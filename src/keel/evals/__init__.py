@@ -1,0 +1,1 @@
+"""Evaluation: evaluators, offline experiments and online evaluation of traffic."""
