@@ -99,6 +99,8 @@ class Evaluator:
     def __init__(self, options: EvalOptions, client: ModelClient | None = None) -> None:
         self.options = options
         self.client = client
+        # What build_evaluator's ``context`` gave (e.g. ``prompt_store`` for judges).
+        self.context: dict[str, Any] = {}
 
     async def evaluate(self, case: EvalCase) -> Score:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -121,27 +123,53 @@ def register_evaluator(cls: type[Evaluator]) -> type[Evaluator]:
     return cls
 
 
-def build_evaluator(
-    kind: str, params: dict[str, Any] | None = None, client: ModelClient | None = None
-) -> Evaluator:
-    """An evaluator of ``kind`` with validated ``params``; InvalidRequest names what is wrong."""
-    from keel.evals import evaluators  # noqa: F401  (registers the built-in kinds)
+def validate_evaluator(
+    kind: str, params: dict[str, Any] | None = None
+) -> tuple[type[Evaluator], EvalOptions]:
+    """Check ``kind`` and its ``params`` without building it (no client needed), e.g. for
+    ``keel config check``; InvalidRequest names what is wrong."""
+    from keel.evals import evaluators  # registers the built-in kinds
 
     evaluators.load_plugins()
     cls = EVALUATORS.get(kind)
     if cls is None:
+        why = evaluators.PLUGIN_ERRORS.get(kind)
         raise InvalidRequest(
-            f"unknown evaluator {kind!r} (known: {', '.join(sorted(EVALUATORS))})",
+            f"evaluator {kind!r}: its plugin failed to load: {why}"
+            if why
+            else f"unknown evaluator {kind!r} (known: {', '.join(sorted(EVALUATORS))})",
             param="evaluator",
         )
+    if not isinstance(params, dict | None):
+        raise InvalidRequest(f"evaluator {kind!r}: params must be a mapping", param="params")
     try:
         opts = cls.Options.model_validate(params or {})
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
         raise InvalidRequest(
-            f"evaluator {kind!r}: {loc + ': ' if loc else ''}{first['msg']}", param=loc or None
+            f"evaluator {kind!r}: {loc + ': ' if loc else ''}{msg}", param=loc or None
         ) from None
+    return cls, opts
+
+
+def build_evaluator(
+    kind: str,
+    params: dict[str, Any] | None = None,
+    client: ModelClient | None = None,
+    *,
+    context: dict[str, Any] | None = None,
+) -> Evaluator:
+    """An evaluator of ``kind`` with validated ``params``; InvalidRequest names what is wrong.
+
+    ``context`` carries optional collaborators some kinds use: ``prompt_store``
+    (a :class:`keel.prompts.store.PromptStore`) lets ``llm_judge`` store its
+    built-in rubrics as prompt versions and read rubrics stored by users.
+    """
+    cls, opts = validate_evaluator(kind, params)
     if cls.uses_model and client is None:
         raise InvalidRequest(f"evaluator {kind!r} calls a model; it needs the gateway")
-    return cls(opts, client)
+    ev = cls(opts, client)
+    ev.context = dict(context or {})
+    return ev

@@ -76,11 +76,36 @@ def _gelu(x: np.ndarray) -> np.ndarray:
     return poly
 
 
+# Rows of the FFN activations handled at once by _bias_gelu_: small enough for
+# the ~15 passes of _gelu to stay in the L2 cache (twice as fast as whole arrays).
+_GELU_ROWS = 32
+
+
+def _bias_gelu_(x: np.ndarray, b: np.ndarray) -> None:
+    """``x = gelu(x + b)`` in place, a cache-sized block of rows at a time."""
+    for i in range(0, x.shape[0], _GELU_ROWS):
+        blk = x[i : i + _GELU_ROWS]
+        blk += b
+        blk[...] = _gelu(blk)
+
+
+_MEAN_COLS: dict[int, np.ndarray] = {}
+
+
 def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    mean = x.mean(axis=-1, keepdims=True)
-    xc = x - mean
-    var = np.mean(xc * xc, axis=-1, keepdims=True)
-    return xc / np.sqrt(var + np.float32(eps)) * w + b
+    # Row means as a matrix-vector product: one BLAS call, without the Python
+    # overhead of ndarray.mean (it dominated layer norm on short inputs).
+    col = _MEAN_COLS.get(x.shape[-1])
+    if col is None:
+        col = _MEAN_COLS[x.shape[-1]] = np.full((x.shape[-1], 1), 1.0 / x.shape[-1], np.float32)
+    xc = x - x @ col
+    var = np.square(xc) @ col
+    var += np.float32(eps)
+    np.sqrt(var, out=var)
+    xc /= var
+    xc *= w
+    xc += b
+    return xc
 
 
 class _Layer:
@@ -204,55 +229,79 @@ class MiniLMEncoder:
         lengths = np.fromiter((len(ids) for ids in ids_list), dtype=np.int64, count=n)
         total_tokens = int(lengths.sum())
 
-        # Sorting by length keeps padding (wasted work) small in each batch.
+        # Sentences sorted by length: those of one length are neighbours, so
+        # attention runs on unpadded groups (no padding, no mask: no wasted work).
         order = np.argsort(lengths, kind="stable")
         start = 0
         while start < n:
-            longest = int(lengths[order[start]])
-            end = start + 1
-            while end < n:
-                longest_next = int(lengths[order[end]])
-                if (end - start + 1) * longest_next > self.token_budget:
-                    break
-                longest = longest_next
+            end, budget = start, 0
+            while end < n and (end == start or budget + lengths[order[end]] <= self.token_budget):
+                budget += int(lengths[order[end]])
                 end += 1
             idx = order[start:end]
-            ids = np.full((len(idx), longest), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(idx), longest), dtype=np.float32)
-            for row, i in enumerate(idx):
-                seq = ids_list[i]
-                ids[row, : len(seq)] = seq
-                mask[row, : len(seq)] = 1.0
-            out[idx] = self._forward(ids, mask)
+            out[idx] = self._forward([ids_list[i] for i in idx], lengths[idx])
             start = end
         return out, total_tokens
 
-    def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        b, seq = ids.shape
+    def _forward(self, seqs: list[list[int]], lengths: np.ndarray) -> np.ndarray:
+        """Pooled unit vectors of ``seqs`` (sorted by length), computed on the
+        concatenated tokens: every layer but attention works token by token, so
+        only attention needs to know where a sentence starts."""
         h, nh, hd = self.hidden, self.heads, self.head_dim
-        x = self.word_emb[ids] + self.pos_emb[:seq] + self.type_emb
-        x = _layer_norm(x, *self.emb_ln, self.eps).reshape(b * seq, h)
-        # Padded keys get a large negative score, so softmax gives them 0.
-        bias = ((1.0 - mask) * np.float32(-1e9))[:, None, None, :]
+        flat = np.fromiter(
+            (t for seq in seqs for t in seq), dtype=np.int64, count=int(lengths.sum())
+        )
+        pos = np.concatenate([np.arange(n) for n in lengths.tolist()])
+        x = self.word_emb[flat]
+        x += self.pos_emb[pos]
+        x += self.type_emb
+        x = _layer_norm(x, *self.emb_ln, self.eps)
+        t = len(flat)
+        # (first row, sentence count, length) of each run of equal lengths.
+        groups = []
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        i, m = 0, len(lengths)
+        while i < m:
+            j = i
+            while j < m and lengths[j] == lengths[i]:
+                j += 1
+            groups.append((int(starts[i]), j - i, int(lengths[i])))
+            i = j
         scale = np.float32(1.0 / np.sqrt(hd))
+        qkv = np.empty((t, 3 * h), dtype=np.float32)
+        ctx = np.empty((t, h), dtype=np.float32)
+        y = np.empty((t, h), dtype=np.float32)
+        inner = np.empty((t, self.layers[0].w1.shape[1]), dtype=np.float32)
         for layer in self.layers:
-            qkv = x @ layer.wqkv + layer.bqkv
-            qkv = qkv.reshape(b, seq, 3, nh, hd).transpose(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            scores = (q @ k.transpose(0, 1, 3, 2)) * scale + bias
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-            ctx = (scores @ v).transpose(0, 2, 1, 3).reshape(b * seq, h)
-            x = _layer_norm(ctx @ layer.wo + layer.bo + x, *layer.ln1, self.eps)
-            inner = _gelu(x @ layer.w1 + layer.b1)
-            x = _layer_norm(inner @ layer.w2 + layer.b2 + x, *layer.ln2, self.eps)
+            np.matmul(x, layer.wqkv, out=qkv)
+            qkv += layer.bqkv
+            for row, g, length in groups:
+                part = qkv[row : row + g * length].reshape(g, length, 3, nh, hd)
+                part = part.transpose(2, 0, 3, 1, 4)
+                q, k, v = part[0], part[1], part[2]
+                scores = q @ k.transpose(0, 1, 3, 2)
+                scores *= scale
+                scores -= scores.max(axis=-1, keepdims=True)
+                np.exp(scores, out=scores)
+                scores /= scores.sum(axis=-1, keepdims=True)
+                ctx[row : row + g * length] = (
+                    (scores @ v).transpose(0, 2, 1, 3).reshape(g * length, h)
+                )
+            np.matmul(ctx, layer.wo, out=y)
+            y += layer.bo
+            y += x
+            x = _layer_norm(y, *layer.ln1, self.eps)
+            np.matmul(x, layer.w1, out=inner)
+            _bias_gelu_(inner, layer.b1)
+            np.matmul(inner, layer.w2, out=y)
+            y += layer.b2
+            y += x
+            x = _layer_norm(y, *layer.ln2, self.eps)
 
-        x = x.reshape(b, seq, h)
         if self.pooling == "cls":
-            pooled = x[:, 0]
+            pooled = x[starts]
         else:
-            summed = np.einsum("bsh,bs->bh", x, mask)
-            pooled = summed / np.maximum(mask.sum(axis=1, keepdims=True), np.float32(1e-9))
+            pooled = np.add.reduceat(x, starts, axis=0)
+            pooled /= lengths.astype(np.float32)[:, None]
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         return (pooled / np.maximum(norms, np.float32(1e-12))).astype(np.float32, copy=False)
