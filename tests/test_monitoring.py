@@ -271,6 +271,41 @@ def test_retention_deletes_only_what_is_old(tmp_path):
         assert c.execute(sa.text("SELECT SUM(requests) FROM rollups_minute")).scalar() == 60
 
 
+def test_retention_covers_quality_tables(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path}/k.db")
+    migrate(engine)
+    now = int(time.time() * 1000)
+    day = 86_400_000
+    with engine.begin() as c:
+        for i, age in enumerate((40, 1)):
+            t = now - age * day
+            c.execute(
+                sa.text("INSERT INTO trace_features (trace_id, started_at_ms) VALUES (:i, :t)"),
+                {"i": f"f{i}", "t": t},
+            )
+            c.execute(
+                sa.text(
+                    "INSERT INTO eval_jobs (id, trace_id, evaluator, status, attempts, "
+                    "next_attempt_ms, created_at_ms) VALUES (:i, :i, 'e', 'done', 1, :t, :t)"
+                ),
+                {"i": f"j{i}", "t": t},
+            )
+        for i, age in enumerate((500, 40)):  # scores are history: kept like rollups
+            c.execute(
+                sa.text(
+                    "INSERT INTO scores (id, trace_id, name, value, source, created_at_ms) "
+                    "VALUES (:i, 't', 'q', 1.0, 'human', :t)"
+                ),
+                {"i": f"s{i}", "t": now - age * day},
+            )
+    deleted = purge(engine, RetentionSettings(days=30, rollup_days=400), now=now)
+    assert deleted["trace_features"] == 1 and deleted["eval_jobs"] == 1
+    assert deleted["scores"] == 1
+    with engine.connect() as c:
+        assert c.execute(sa.text("SELECT id FROM scores")).scalars().all() == ["s1"]
+        assert c.execute(sa.text("SELECT trace_id FROM trace_features")).scalar() == "f1"
+
+
 def test_lease_is_exclusive_and_expires(tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path}/k.db")
     migrate(engine)

@@ -23,8 +23,10 @@ def test_gateway_and_worker_split_the_work(fake, tmp_path):
     try:
         gw_daemons = {d.name for d in gw.app.state.keel.daemons}
         wk_daemons = {d.name for d in wk.app.state.keel.daemons}
-        assert gw_daemons == {"resource-sampler"}
-        assert {"alerts", "probes", "retention", "resource-sampler"} == wk_daemons
+        # every gateway process follows the deployment routes; the singletons run in the worker
+        assert gw_daemons == {"resource-sampler", "route-sync"}
+        assert {"alerts", "probes", "retention", "resource-sampler", "deploy"} <= wk_daemons
+        assert "route-sync" not in wk_daemons
         body = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
         assert httpx.post(gw.url + "/v1/chat/completions", json=body).status_code == 200
         assert httpx.post(wk.url + "/v1/chat/completions", json=body).status_code == 404

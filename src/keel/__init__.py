@@ -14,21 +14,42 @@ from keel.config import Settings, load_settings
 
 if TYPE_CHECKING:
     from keel import prompts
-    from keel.sdk import flush, init, inject_traceparent, observe, shutdown, span, trace_headers
+    from keel.runs.tracking import run
+    from keel.sdk import (
+        feedback,
+        flush,
+        init,
+        inject_traceparent,
+        observe,
+        shutdown,
+        span,
+        trace_headers,
+    )
 
 _SDK_NAMES = frozenset(
-    {"flush", "init", "inject_traceparent", "observe", "shutdown", "span", "trace_headers"}
+    {
+        "feedback",
+        "flush",
+        "init",
+        "inject_traceparent",
+        "observe",
+        "shutdown",
+        "span",
+        "trace_headers",
+    }
 )
 
 __all__ = [
     "Settings",
     "__version__",
+    "feedback",
     "flush",
     "init",
     "inject_traceparent",
     "load_settings",
     "observe",
     "prompts",
+    "run",
     "shutdown",
     "span",
     "trace_headers",
@@ -42,6 +63,11 @@ def __getattr__(name: str) -> Any:
         value = getattr(sdk, name)
         globals()[name] = value
         return value
+    if name == "run":  # tracked runs: httpx and psutil, not OpenTelemetry
+        from keel.runs.tracking import run
+
+        globals()["run"] = run
+        return run
     if name == "prompts":  # the prompts SDK (a subpackage; only its light modules load)
         import importlib
 

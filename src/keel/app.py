@@ -32,7 +32,14 @@ from keel.costs import PriceCatalog, Pricer
 from keel.costs import api as costs_api
 from keel.data import api as data_api
 from keel.data.versions import DatasetStore
+from keel.deploy.wiring import build_deploy
+from keel.drift import api as drift_api
+from keel.drift.monitor import build_drift
 from keel.errors import ConfigError, InvalidRequest, KeelError, NotFound
+from keel.evals import api as evals_api
+from keel.evals import feedback_api
+from keel.evals.client import model_client_for
+from keel.evals.online import build_online, validate_online
 from keel.gateway import limits as limits_mod
 from keel.gateway.limits import Limits
 from keel.gateway.providers.base import PROVIDER_KINDS, Provider
@@ -51,6 +58,11 @@ from keel.monitoring.probes import ProbeDaemon
 from keel.monitoring.sampler import ResourceSampler
 from keel.prompts import api as prompts_api
 from keel.prompts.store import PromptStore
+from keel.registry import api as registry_api
+from keel.registry.service import RegistryService
+from keel.runs import api as runs_api
+from keel.runs.artifacts import ArtifactStore
+from keel.runs.store import RunStore
 from keel.store.engine import make_engine, migrate
 from keel.store.recorder import Recorder
 from keel.store.retention import RetentionDaemon
@@ -174,10 +186,13 @@ def create_app(
         daemons.append(probe_daemon)
     import keel.alerts.sources  # noqa: F401  (registers the signals)
     from keel.alerts import budget_signal
+    from keel.drift import signals as _drift_signals  # noqa: F401  (registers drift_*)
+    from keel.evals import signals as _eval_signals  # noqa: F401  (registers eval_*)
 
     budget_signal.configure(settings.budgets)
 
     alerts_api.validate_alert_config(settings.alerts)
+    validate_online(settings.evals)
     base_url = settings.alerts.dashboard_url or f"http://{settings.host}:{settings.port}"
     dispatcher = Dispatcher.from_settings(engine, settings.alerts, env, dashboard_url=base_url)
     deliveries = Counter(
@@ -190,11 +205,31 @@ def create_app(
     alert_engine = AlertEngine(engine, settings.alerts, dispatcher, base_url)
     if "daemons" in roles:
         daemons.append(alert_engine)
+    drift = build_drift(
+        engine,
+        settings.drift,
+        registry,
+        datasets=DatasetStore(engine, settings.artifact_root),
+        embed_model_dir=settings.local.embed_model_dir,
+        local_enabled=settings.local.enabled,
+        run_daemons="daemons" in roles,
+    )
+    daemons += drift.daemons
     registry.register(CallbackCollector(recorder_families(recorder)))
     registry.register(CallbackCollector(daemon_families(lambda: daemons)))
     pricer = Pricer(PriceCatalog.for_settings(settings), registry)
     limits = Limits(settings, engine)
     prompt_store = PromptStore(engine)
+    if "daemons" in roles:
+        # Judges call models through this app's own gateway (built lazily: `app` comes later).
+        daemons += build_online(
+            engine,
+            settings.evals,
+            registry,
+            client_factory=lambda: model_client_for(app, settings.evals, env),
+            prompt_store=prompt_store,
+            late_window_s=_slowest_call_s(settings) + 60,
+        )
     gateway = Gateway(
         router,
         recorder,
@@ -284,6 +319,65 @@ def create_app(
     app.include_router(limits_mod.make_router(limits))
     app.include_router(prompts_api.make_router(prompt_store))
     app.include_router(data_api.make_router(DatasetStore(engine, settings.artifact_root)))
+    app.include_router(drift_api.make_router(drift.runner, drift.errors))
+    run_store, artifacts = RunStore(engine), ArtifactStore(engine, settings.artifact_root)
+    app.include_router(
+        runs_api.make_router(
+            run_store,
+            artifacts,
+            DatasetStore(engine, settings.artifact_root),
+            prompt_store,
+            max_artifact_bytes=settings.registry.max_artifact_mb * 1024 * 1024,
+        )
+    )
+    # The deploy step reaches the registry (and its on_approved hooks) through app.state.
+    app.state.registry = RegistryService(
+        engine,
+        run_store,
+        artifacts,
+        prompt_store,
+        providers=[*settings.providers, *(["local"] if settings.local.enabled else [])],
+        max_card_bytes=settings.registry.max_card_kb * 1024,
+    )
+    app.include_router(registry_api.make_router(app.state.registry))
+    # Gated deployment: route sync in every gateway process, the monitor under "daemons";
+    # approvals in the registry start deployments.
+    deploy = build_deploy(
+        engine,
+        settings,
+        env,
+        roles=roles,
+        router=router,
+        providers=providers,
+        registry=app.state.registry,
+        dispatcher=dispatcher,
+        client_factory=lambda: model_client_for(app, settings.evals, env),
+        dashboard_url=base_url,
+    )
+    daemons += deploy.daemons
+    app.state.deploy = deploy
+    app.include_router(deploy.router)
+    app.include_router(evals_api.make_router(engine))
+    app.include_router(feedback_api.make_router(engine, settings.evals, recorder))
+    # Pipelines: runs are read everywhere; the trigger daemon (cron schedules, firing
+    # alert rules) starts `keel pipeline run` subprocesses, once per deployment.
+    from keel.pipelines import api as pipelines_api
+    from keel.pipelines.triggers import PipelineTrigger
+
+    app.include_router(pipelines_api.make_router(engine))
+    if "daemons" in roles and settings.pipelines.enabled and settings.pipelines.pipelines:
+        app.state.pipeline_trigger = PipelineTrigger(
+            engine,
+            settings.pipelines,
+            url=f"http://{settings.host}:{settings.port}",
+            api_key=admin_secret,
+            store_env={
+                "KEEL_DATABASE_URL": settings.effective_database_url,
+                "KEEL_DATA_DIR": settings.data_dir,
+            },
+            data_dir=settings.data_dir,
+        )
+        daemons.append(app.state.pipeline_trigger)
     # Outermost: nothing runs for a request that has no valid key.
     app.add_middleware(
         AuthMiddleware,
@@ -337,6 +431,12 @@ def create_app(
         }
 
     return app
+
+
+def _slowest_call_s(settings: Settings) -> float:
+    """The longest a gateway call can take (its read timeout), for late-trace catch-up."""
+    timeouts = [p.timeout_s for p in settings.providers.values() if p.timeout_s]
+    return max([settings.gateway.default_timeout_s, *timeouts])
 
 
 def _ping(engine: Engine) -> None:

@@ -153,9 +153,16 @@ def config_check(path: str | None) -> None:
     """Validate the whole configuration; exit 1 listing every bad entry."""
     s = _settings(path)
     from keel.alerts.api import validate_alert_config
+    from keel.drift import signals as _drift_signals  # noqa: F401  (rules may use them)
 
     try:
         validate_alert_config(s.alerts, path or "keel.yaml")
+    except KeelError as e:
+        _fail(str(e))
+    from keel.evals.online import validate_online
+
+    try:
+        validate_online(s.evals, path or "keel.yaml")
     except KeelError as e:
         _fail(str(e))
     warnings = []
@@ -504,12 +511,25 @@ def _register_groups() -> None:
     from keel.auth.cli import keys
     from keel.costs.cli import costs
     from keel.data.cli import data
+    from keel.deploy.cli import deploy
+    from keel.drift.cli import drift
+    from keel.evals.cli import eval_group
+    from keel.pipelines.cli import ci, pipeline
     from keel.prompts.cli import prompts
+    from keel.registry.cli import registry
+    from keel.runs.cli import runs
 
     cli.add_command(keys)
     cli.add_command(costs)
     cli.add_command(prompts)
     cli.add_command(data)
+    cli.add_command(deploy)
+    cli.add_command(runs)
+    cli.add_command(registry)
+    cli.add_command(eval_group, name="eval")
+    cli.add_command(drift)
+    cli.add_command(pipeline)
+    cli.add_command(ci)
 
 
 _register_groups()

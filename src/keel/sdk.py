@@ -331,3 +331,73 @@ def inject_traceparent(request: Any) -> _Done:
     except Exception:
         log.debug("keel: inject_traceparent failed", exc_info=True)
     return _DONE
+
+
+# -- feedback ---------------------------------------------------------------
+
+
+def feedback(
+    trace_id: str,
+    *,
+    name: str = "user",
+    score: float | None = None,
+    label: str | None = None,
+    comment: str | None = None,
+    passed: bool | None = None,
+    source: str = "human",
+    idempotency_key: str | None = None,
+    endpoint: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout_s: float = 5.0,
+) -> dict[str, Any] | None:
+    """Record a user's or reviewer's rating of a gateway call: ``trace_id`` is the call's
+    ``x-keel-trace-id`` response header. Returns the stored score.
+
+    Posts to ``<endpoint>/api/traces/{trace_id}/feedback``; ``endpoint`` and
+    ``headers`` (the API key) default to those given to :func:`init`. Sending the
+    same ``idempotency_key`` again returns the first score instead of a second one.
+
+    Raises ValueError without a ``score`` or ``label``, and a :class:`keel.errors.KeelError`
+    (``InvalidRequest``, ``NotFound``, …) when Keel refuses it. When Keel cannot be
+    reached or fails, the feedback is logged as lost and None returned: it never
+    breaks the application.
+    """
+    import httpx
+
+    from keel.errors import InvalidRequest, KeelError, NotFound
+
+    if score is None and label is None:
+        raise ValueError("keel.feedback needs a score and/or a label")
+    key = _state.key  # (endpoint, service_name, headers, …) as given to init()
+    url = (endpoint or (key[0] if key else "http://127.0.0.1:4000")).rstrip("/")
+    hdrs = dict(headers if headers is not None else (dict(key[2]) if key else {}))
+    body: dict[str, Any] = {"name": name, "source": source}
+    for k, v in (
+        ("score", score),
+        ("label", label),
+        ("comment", comment),
+        ("passed", passed),
+        ("idempotency_key", idempotency_key),
+    ):
+        if v is not None:
+            body[k] = v
+    try:
+        r = httpx.post(
+            f"{url}/api/traces/{trace_id}/feedback", json=body, headers=hdrs, timeout=timeout_s
+        )
+    except httpx.HTTPError as e:
+        log.warning("keel: feedback on trace %s not recorded: %r", trace_id, e)
+        return None
+    if r.status_code < 300:
+        return r.json()
+    try:
+        msg = r.json()["error"]["message"]
+    except Exception:
+        msg = r.text[:300] or f"HTTP {r.status_code}"
+    if r.status_code >= 500:
+        log.warning("keel: feedback on trace %s not recorded: %s", trace_id, msg)
+        return None
+    cls = {400: InvalidRequest, 404: NotFound}.get(r.status_code)
+    if cls is not None:
+        raise cls(msg)
+    raise KeelError(msg, status=r.status_code)

@@ -23,6 +23,7 @@ def check_rule(rule: RuleSettings, settings: AlertsSettings) -> None:
     """Signal known, labels valid, channels configured; raises ValueError naming the field."""
     import keel.alerts.budget_signal  # noqa: F401
     from keel.alerts.sources import validate_rule
+    from keel.evals import signals as _eval_signals  # noqa: F401  (registers eval_*)
 
     validate_rule(rule)
     for ch in rule.channels:
@@ -40,6 +41,7 @@ def validate_alert_config(settings: AlertsSettings, source: str = "configuration
     import keel.alerts.budget_signal  # noqa: F401  (registers budget_used_percent)
     from keel.alerts.sources import validate_rule
     from keel.errors import ConfigError
+    from keel.evals import signals as _eval_signals  # noqa: F401  (registers eval_*)
 
     problems = []
     for i, rule in enumerate(settings.rules):
@@ -337,6 +339,7 @@ def make_router(engine: Engine, settings: AlertsSettings, dispatcher: Any) -> AP
     @r.get("/signals", summary="Signals rules can watch")
     def _signals() -> dict[str, Any]:
         from keel.alerts.sources import describe_signals
+        from keel.evals import signals as _eval_signals  # noqa: F401  (registers eval_*)
 
         return {"data": describe_signals()}
 

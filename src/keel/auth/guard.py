@@ -14,6 +14,7 @@ import hmac
 import ipaddress
 import logging
 import re
+import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,8 @@ APPROVERS = frozenset({"approver", "admin"})
 ADMINS = frozenset({"admin"})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Telemetry, not changes: a training run posts a metric batch every few seconds.
+_UNAUDITED = re.compile(r"^/api/runs/[^/]+/metrics$")
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,15 @@ RULES: list[Rule] = [
     # Keys grant access, so only admins see or change them.
     Rule(r"^/api/keys(/|$)", ADMINS),
     Rule(r"^/api/registry/.+/(approve|reject)$", APPROVERS, MUTATING),
+    # Promoting or rolling back a deployment is an approver's call, like approving.
+    Rule(r"^/api/deploy/[^/]+/(promote|rollback)$", APPROVERS, MUTATING),
+    # Training jobs log their runs with a non-admin key (any role that is not read-only).
+    Rule(r"^/api/runs(/|$)", frozenset({"user", "approver", "admin"}), MUTATING),
     # Applications fetch and preview prompts with the key they call the gateway with.
     Rule(r"^/api/prompts/resolve$", ANY_KEY, READ_METHODS),
     Rule(r"^/api/prompts/render$", ANY_KEY, frozenset({"POST"})),
+    # Applications relay their users' ratings with the key they call the gateway with.
+    Rule(r"^/api/traces/[^/]+/feedback$", ANY_KEY, frozenset({"POST"})),
     Rule(r"^/api(/|$)", READERS, READ_METHODS),
     Rule(r"^/api(/|$)", ADMINS),
     Rule(r"^/metrics$", READERS, READ_METHODS),
@@ -80,6 +89,18 @@ RULES: list[Rule] = [
 DEFAULT_ROLES: frozenset[str] | None = ANY_KEY
 
 ADMIN_ENV = KeyRecord(id="admin-env", name="admin-env", prefix="", role="admin")
+# In-process callers (the online evaluators' AppModelClient) present a token made
+# fresh by each process; it never leaves the process (not logged, not served).
+INTERNAL = KeyRecord(id="internal", name="internal", prefix="", role="admin")
+INTERNAL_HEADER = "x-keel-internal"
+_INTERNAL_TOKEN = secrets.token_urlsafe(32)
+_INTERNAL_DIGEST = hashlib.sha256(_INTERNAL_TOKEN.encode()).digest()
+
+
+def internal_token() -> str:
+    """This process's internal token, for in-process calls through the ASGI app only."""
+    return _INTERNAL_TOKEN
+
 
 _ROLE_ORDER = ("user", "read", "approver", "admin")
 
@@ -147,6 +168,13 @@ def _key_from(scope: Scope) -> str | None:
     return bearer or api_key
 
 
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, value in scope.get("headers") or ():
+        if k == name:
+            return value.decode("latin-1").strip()
+    return None
+
+
 def _masked(secret: str) -> str:
     return secret[:12] + "…" if len(secret) > 16 else "***"
 
@@ -192,6 +220,7 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         audited = method in MUTATING and (path == "/api" or path.startswith("/api/"))
+        audited = audited and not _UNAUDITED.match(path)
         try:
             principal = await self._authenticate(scope)
         except KeelError as e:
@@ -227,6 +256,11 @@ class AuthMiddleware:
             self._audit(scope, principal, method, path, status)
 
     async def _authenticate(self, scope: Scope) -> KeyRecord:
+        internal = _header(scope, INTERNAL_HEADER.encode())
+        if internal is not None:
+            if hmac.compare_digest(hashlib.sha256(internal.encode()).digest(), _INTERNAL_DIGEST):
+                return INTERNAL
+            raise AuthError("invalid internal token")
         secret = _key_from(scope)
         if secret is None:
             raise AuthError(
@@ -278,7 +312,8 @@ class AuthMiddleware:
             extra = dict(extra)
             target = str(extra.pop("target", target))
             details.update(extra)
-        who = "admin-env" if principal is ADMIN_ENV else principal.principal
+        internal = principal is ADMIN_ENV or principal is INTERNAL
+        who = principal.id if internal else principal.principal
         task = asyncio.get_running_loop().create_task(
             self._write(who, f"{method} {path}", target, details, status)
         )

@@ -34,6 +34,8 @@ from keel.config.alerts import (
     parse_duration,
 )
 from keel.config.costs import BudgetSettings, PriceSettings, PriceTier
+from keel.config.deploy import DeployModelSettings, DeploySettings
+from keel.config.pipelines import PipelinesSettings
 from keel.config.quality import (
     DriftMonitorSettings,
     DriftReferenceSettings,
@@ -41,6 +43,7 @@ from keel.config.quality import (
     EvalsSettings,
     OnlineEvaluatorSettings,
 )
+from keel.config.registry import RegistrySettings
 from keel.config.sections import (
     ENV_PREFIX,
     AuthSettings,
@@ -77,6 +80,8 @@ __all__ = [
     "ComponentSettings",
     "ConditionSettings",
     "DataSettings",
+    "DeployModelSettings",
+    "DeploySettings",
     "DeploymentSettings",
     "DriftMonitorSettings",
     "DriftReferenceSettings",
@@ -96,6 +101,7 @@ __all__ = [
     "ProviderSettings",
     "RecorderSettings",
     "RedactionSettings",
+    "RegistrySettings",
     "RetentionSettings",
     "RuleSettings",
     "Settings",
@@ -139,6 +145,9 @@ class Settings(_Section):
     redaction: RedactionSettings = Field(default_factory=RedactionSettings)
     evals: EvalsSettings = Field(default_factory=EvalsSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    deploy: DeploySettings = Field(default_factory=DeploySettings)
+    pipelines: PipelinesSettings = Field(default_factory=PipelinesSettings)
     budgets: list[BudgetSettings] = Field(
         default_factory=list, description="Spend limits per period (USD)."
     )

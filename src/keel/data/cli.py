@@ -126,6 +126,13 @@ def import_(
 @click.option("--filter", "filters", multiple=True, help="model=…, feature=…, user=…, provider=…")
 @click.option("--since", default=None, help="An age (7d, 24h), ISO 8601 or epoch ms.")
 @click.option("--until", default=None, help="An age (1h), ISO 8601 or epoch ms.")
+@click.option("--sample", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+              help="Keep this share of the traces (deterministic by trace id).")  # fmt: skip
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N rows.")
+@click.option("--label-with", "label_with", default=None,
+              help="Label rows with this evaluator (an evals.online name, or a kind).")  # fmt: skip
+@click.option("--label-params", "label_params", default=None,
+              help="JSON options of the --label-with evaluator.")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_option
 def from_traces_cmd(
@@ -134,10 +141,19 @@ def from_traces_cmd(
     filters: tuple[str, ...],
     since: str | None,
     until: str | None,
+    sample: float,
+    limit: int | None,
+    label_with: str | None,
+    label_params: str | None,
     quiet: bool,
     config: str | None,
 ) -> None:
-    """Import successful chat calls recorded by the gateway as a new version."""
+    """Import successful chat calls recorded by the gateway as a new version.
+
+    With --label-with, an evaluator or judge labels every row (chat: in
+    metadata.labelled_by; eval: as `expected`, the answer moving to
+    metadata.output); rows it cannot label are left out.
+    """
     from keel.cli import _fail
     from keel.data.io import from_traces
     from keel.tracing.api import parse_time
@@ -150,15 +166,36 @@ def from_traces_cmd(
         f[k.strip()] = v.strip()
     since_ms = _run(parse_time, since, "since")
     until_ms = _run(parse_time, until, "until")
+    if label_params and not label_with:
+        _fail("--label-params needs --label-with")
     store = open_store(config, progress=not quiet)
     stats: dict[str, int] = {}
     rows = from_traces(store.engine, filters=f, since=since_ms, until=until_ms, kind=kind,
-                       stats=stats)  # fmt: skip
-    source = {"type": "traces", "filters": f, "since_ms": since_ms, "until_ms": until_ms}
-    v = _run(store.write_version, name, kind, rows, source=source, created_by=_user())
+                       stats=stats, sample=sample, limit=limit)  # fmt: skip
+    source: dict[str, Any] = {
+        "type": "traces", "filters": f, "since_ms": since_ms, "until_ms": until_ms
+    }  # fmt: skip
+    if sample < 1 or limit is not None:
+        source.update(sample=sample, limit=limit)
+    steps: list[dict[str, Any]] = []
+    if label_with:
+        from keel.cli import _settings
+        from keel.evals.labelling import label_rows, make_labeller
+
+        s = _settings(config)
+        lab = _run(make_labeller, s, label_with, label_params, store.engine, os.environ)
+        rows = label_rows(lab, store.engine, rows, kind, stats, concurrency=s.evals.concurrency)
+        steps.append(lab.step)
+        source["labelled_by"] = lab.step["params"]
+    v = _run(store.write_version, name, kind, rows, source=source, steps=steps,
+             created_by=_user())  # fmt: skip
     _report(v)
     if stats.get("skipped"):
         click.echo(f"skipped {stats['skipped']} traces without a usable captured body")
+    if label_with:
+        click.echo(f"labelled {stats.get('labelled', 0)} rows with {label_with}")
+        if stats.get("unlabelled"):
+            click.echo(f"left out {stats['unlabelled']} rows the evaluator could not label")
 
 
 @data.command("prepare")

@@ -17,6 +17,7 @@ only refuses rows that cannot take the shape at all.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 from collections.abc import Iterator
@@ -277,14 +278,18 @@ def from_traces(
     until: int | None = None,
     kind: str = "chat",
     stats: dict[str, int] | None = None,
+    sample: float = 1.0,
+    limit: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Canonical rows from successful chat traces, oldest first, streamed from the store.
 
-    ``filters``: ``model``, ``feature``, ``user``, ``provider`` → exact match.
+    ``filters``: ``model``, ``feature``, ``user``, ``provider`` → exact match. Without a
+    ``feature`` filter, Keel's own calls (features ``keel:…``, ``eval:…``) are left out.
     ``since``/``until``: epoch ms. ``kind`` ``chat`` gives the request messages
     plus the answer; ``eval`` gives ``input={"messages": …}`` and the answer's
     content as ``expected``. Traces without a usable body (not captured,
-    truncated) are skipped and counted in ``stats["skipped"]``.
+    truncated) are skipped and counted in ``stats["skipped"]``. ``sample`` keeps that
+    share of the traces (deterministic by trace id); ``limit`` stops after that many rows.
     """
     from keel.store.tables import traces as t
 
@@ -298,6 +303,10 @@ def from_traces(
                 f"unknown trace filter {key!r}; use one of {', '.join(sorted(TRACE_FILTERS))}"
             )
         conds.append(t.c[col] == value)
+    if "feature" not in (filters or {}):
+        # Keel's own calls (judges, labellers, experiments) are not production traffic.
+        own = sa.or_(t.c.feature.like("keel:%"), t.c.feature.like("eval:%"))
+        conds.append(sa.or_(t.c.feature.is_(None), sa.not_(own)))
     if since is not None:
         conds.append(t.c.started_at_ms >= since)
     if until is not None:
@@ -307,11 +316,18 @@ def from_traces(
         .where(*conds)
         .order_by(t.c.started_at_ms, t.c.id)
     )
+    if not 0 < sample <= 1:
+        raise DatasetError(f"sample must be in (0, 1], not {sample}")
     stats = stats if stats is not None else {}
     stats.setdefault("skipped", 0)
+    n = 0
     with engine.connect() as conn:
         result = conn.execution_options(stream_results=True, yield_per=1000).execute(q)
         for r in result:
+            if limit is not None and n >= limit:
+                break
+            if sample < 1 and _sampled_out(r.id, sample):
+                continue
             try:
                 req = orjson.loads(r.request_body) if r.request_body else None
                 resp = orjson.loads(r.response_body) if r.response_body else None
@@ -323,6 +339,7 @@ def from_traces(
                 stats["skipped"] += 1
                 continue
             meta = {"trace_id": r.id, "model": r.model, "user": r.user_id, "feature": r.feature}
+            n += 1
             if kind == "chat":
                 yield {"messages": [*msgs, answer], "metadata": meta, "split": None}
             else:
@@ -332,6 +349,11 @@ def from_traces(
                     "metadata": meta,
                     "split": None,
                 }
+
+
+def _sampled_out(trace_id: str, rate: float) -> bool:
+    h = hashlib.sha256(trace_id.encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 >= rate
 
 
 # -- export ---------------------------------------------------------------------

@@ -212,6 +212,7 @@ def make_trace(
     error: KeelError | None = None,
     status: str | None = None,
     estimated_tokens: tuple[int, int] | None = None,
+    route_version: str | None = None,
 ) -> TraceRecord:
     pt = ct = tt = None
     cached = cache_write = reasoning = None
@@ -261,6 +262,7 @@ def make_trace(
         "reasoning_tokens": reasoning,
         "cache_hit": call.cache_hit,
         "prompt_version_id": call.prompt_version_id,
+        "route_version": route_version,
     }
 
 

@@ -9,11 +9,18 @@ An alias orders its deployments for each call by its ``strategy``:
 
 Deployments whose circuit breaker is open go last, so traffic avoids them
 while any other deployment is available.
+
+A deployment route (:mod:`keel.deploy`) replaces an alias with one that serves
+a registry version (``route_version`` ``"name@3"``) and may carry a ``canary``
+alias of its own: :meth:`Router.resolve` sends ``canary_share`` of the calls
+there. The split happens before failover, so a call retries within the version
+it was given and a failing canary cannot hide behind the stable version.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +54,10 @@ class Alias:
     retries: int = 0
     retry_backoff_s: float = 0.2
     settings: ModelAliasSettings | None = None
+    route_version: str | None = None  # registry "model@version" served (deployment routes)
+    canary: Alias | None = None  # gets ``canary_share`` of the calls
+    canary_share: float = 0.0
+    prompt: str | None = None  # rendered for calls that send ``variables`` (deploy routes)
 
     def candidates(self) -> list[Deployment]:
         deps = self.deployments
@@ -81,6 +92,12 @@ class Router:
 
     def __init__(self, aliases: dict[str, Alias]) -> None:
         self.aliases = aliases
+        #: The aliases of keel.yaml: what a name falls back to when no route overrides it.
+        self.static: dict[str, Alias] = dict(aliases)
+        #: ``name@VERSION`` aliases resolved so far (not listed by /v1/models).
+        self.versions: dict[str, Alias] = {}
+        #: Resolves an unknown ``name@VERSION`` (None: no such version).
+        self.loader: Callable[[str], Awaitable[Alias | None]] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, providers: dict[str, Provider]) -> Router:
@@ -110,10 +127,30 @@ class Router:
         return cls(aliases)
 
     def resolve(self, model: str) -> Alias:
+        """The alias serving this call; for a route with a canary, the side it was drawn to."""
         alias = self.aliases.get(model)
         if alias is None:
-            raise ModelNotFound(model, list(self.aliases))
+            alias = self.versions.get(model)
+            if alias is None:
+                raise ModelNotFound(model, list(self.aliases))
+            return alias
+        canary = alias.canary
+        if canary is not None and random.random() < alias.canary_share:
+            return canary
         return alias
+
+    async def aresolve(self, model: str) -> Alias:
+        """:meth:`resolve`, also loading a registry version named ``name@VERSION`` on first use."""
+        try:
+            return self.resolve(model)
+        except ModelNotFound:
+            if self.loader is None or "@" not in model:
+                raise
+            alias = await self.loader(model)
+            if alias is None:
+                raise
+            self.versions[model] = alias
+            return alias
 
     def names(self) -> list[str]:
         return sorted(self.aliases)

@@ -128,11 +128,14 @@ class Gateway:
         call.join_trace(request.headers.get("traceparent"))
         try:
             raw, body = await self._read_json(request)
+            routed: Alias | None = None
+            if type(body) is dict and "variables" in body and "prompt" not in body:
+                body, routed = await self._route_prompt(body)
             if self.prompts is not None:
                 body, call.prompt_version_id = expand_prompt(self.prompts, body)
             check_chat_body(body)
             attribution = Attribution.from_request(request.headers, body)
-            alias = self.router.resolve(body["model"])
+            alias = routed or await self.router.aresolve(body["model"])
             if alias.kind != "chat":
                 raise InvalidRequest(
                     f"'{alias.name}' is an embedding model; use /v1/embeddings", param="model"
@@ -144,7 +147,8 @@ class Gateway:
         cache_key = None
         ttl = alias.settings.cache_ttl_s if alias.settings is not None else None
         if ttl and self.limits is not None:
-            cache_key = self.limits.cache.key(alias.name, body)
+            # Per served version: a canary must not answer with the stable's cached output.
+            cache_key = self.limits.cache.key(alias.route_version or alias.name, body)
             hit = await self.limits.cache.get(cache_key)
             if hit is not None:
                 return self._cached(call, alias, body, raw, attribution, hit)
@@ -190,6 +194,19 @@ class Gateway:
         if cache_key is not None and ttl:
             self.limits.cache.put(cache_key, out, ttl)
         return Response(out, media_type=JSON, headers={TRACE_HEADER: call.id})
+
+    async def _route_prompt(self, body: dict[str, Any]) -> tuple[dict[str, Any], Alias | None]:
+        """A call that sends ``variables`` without messages gets its routed version's prompt.
+
+        The split is drawn here, once: the caller keeps the alias it returns.
+        """
+        model = body.get("model")
+        if not isinstance(model, str) or not model or body.get("messages"):
+            return body, None
+        alias = await self.router.aresolve(model)
+        if alias.prompt:
+            body = {**body, "prompt": alias.prompt}
+        return body, alias
 
     def _resp_text(self, out: bytes) -> str | None:
         if not self.capture:
@@ -341,7 +358,7 @@ class Gateway:
             raw, body = await self._read_json(request)
             check_embeddings_body(body)
             attribution = Attribution.from_request(request.headers, body)
-            alias = self.router.resolve(body["model"])
+            alias = await self.router.aresolve(body["model"])
             if alias.kind != "embedding" and not alias.deployments[0].provider.supports_embeddings:
                 raise InvalidRequest(f"'{alias.name}' does not serve embeddings", param="model")
             attribution.key_id = _check_key(request, alias.name)
@@ -518,4 +535,5 @@ def _common(
         "provider": dep.provider.name,
         "upstream_model": dep.model,
         "attribution": attribution,
+        "route_version": alias.route_version,
     }

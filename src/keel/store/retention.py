@@ -23,6 +23,14 @@ from keel.store.tables import (
     spans,
     traces,
 )
+from keel.store.tables_quality import (
+    drift_runs,
+    drift_scores,
+    eval_jobs,
+    score_rollups_minute,
+    scores,
+    trace_features,
+)
 
 log = logging.getLogger("keel.retention")
 DAY_MS = 86_400_000
@@ -49,6 +57,14 @@ def _targets(s: RetentionSettings, now: int) -> list[tuple[Table, Column, list[C
         (rollups_minute, rollups_minute.c.minute_ms, [], roll),
         (rollups_hour, rollups_hour.c.minute_ms, [], roll),
         (rollups_dim_minute, rollups_dim_minute.c.minute_ms, [], roll),
+        # Quality data: per-trace work goes with the traces; scores and drift
+        # results are history that dashboards and reports read, kept like rollups.
+        (trace_features, trace_features.c.started_at_ms, [trace_features.c.trace_id], raw),
+        (eval_jobs, eval_jobs.c.created_at_ms, [eval_jobs.c.id], raw),
+        (scores, scores.c.created_at_ms, [scores.c.id], roll),
+        (score_rollups_minute, score_rollups_minute.c.minute_ms, [], roll),
+        (drift_runs, drift_runs.c.computed_at_ms, [drift_runs.c.id], roll),
+        (drift_scores, drift_scores.c.computed_at_ms, [], roll),
     ]
 
 

@@ -60,6 +60,7 @@ traces = Table(
     Column("reasoning_tokens", Integer),  # part of completion_tokens
     Column("cache_hit", Boolean),  # answered from Keel's response cache
     Column("prompt_version_id", String(32)),  # the prompt version the call rendered
+    Column("route_version", String(200)),  # registry model@version that served it
     Index("ix_traces_started", "started_at_ms"),
     Index("ix_traces_model_started", "model", "started_at_ms"),
     Index("ix_traces_user_started", "user_id", "started_at_ms"),
@@ -396,4 +397,7 @@ prompt_labels = Table(
 )
 
 # Quality-monitoring tables live in their own module (the schema is still one).
+from keel.store import tables_deploy as _deploy  # noqa: E402, F401
+from keel.store import tables_pipelines as _pipelines  # noqa: E402, F401
 from keel.store import tables_quality as _quality  # noqa: E402, F401
+from keel.store import tables_registry as _registry  # noqa: E402, F401

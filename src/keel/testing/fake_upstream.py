@@ -3,7 +3,9 @@
 Used by Keel's tests and benchmarks (and useful for yours): it answers
 ``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``GET /v1/models`` the
 way OpenAI does, and ``POST /v1/messages`` the way Anthropic does, streaming
-included. The reply echoes the last user message.
+included; and OpenAI's fine-tuning API (``POST /v1/files``, ``POST
+/v1/fine_tuning/jobs``, ``GET /v1/fine_tuning/jobs/{id}``). The reply echoes
+the last user message.
 
 Behaviour is controlled per request by directives, either in the model name
 after a colon (``"fake:delay=200,error=500"``) or anywhere in the messages as
@@ -18,6 +20,13 @@ after a colon (``"fake:delay=200,error=500"``) or anywhere in the messages as
 ``no_usage``       omit token usage
 ``drop``           close the connection in the middle of a stream
 ``words=N``        reply with N words instead of the echo
+``reply=B64``      reply with exactly this text (urlsafe base64, padding
+                   optional); ``reply=B64.B64…`` replies with the Nth text when
+                   the conversation already holds N assistant messages (the
+                   last one after that), so a retry can get another answer
+``ft_fail``        (fine-tuning: in the job's model or suffix, no colon needed)
+                   the job goes queued → running → failed; otherwise it
+                   succeeds on the third poll (``keel.testing._fake_finetune``)
 =================  ============================================================
 
 Run standalone: ``python -m keel.testing.fake_upstream --port 9000``.
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import hashlib
 import re
@@ -42,6 +52,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from keel.testing._fake_finetune import FineTuning
 
 _DIRECTIVE = re.compile(r"\[\[fake:\s*([^\]]*)\]\]")
 
@@ -79,7 +91,21 @@ def directives(body: dict[str, Any]) -> dict[str, str]:
     return d
 
 
+def _exact_reply(body: dict[str, Any], spec: str) -> str:
+    texts = spec.split(".")
+    turns = sum(
+        1
+        for m in body.get("messages") or []
+        if isinstance(m, dict) and m.get("role") == "assistant"
+    )
+    enc = texts[min(turns, len(texts) - 1)]
+    return base64.urlsafe_b64decode(enc + "=" * (-len(enc) % 4)).decode()
+
+
 def _reply_words(body: dict[str, Any], d: dict[str, str]) -> list[str]:
+    if "reply" in d:
+        # Split on single spaces so that " ".join (and the stream) give the text back exactly.
+        return _exact_reply(body, d["reply"]).split(" ")
     if "words" in d:
         return [f"w{i}" for i in range(int(d["words"]))]
     last = ""
@@ -110,6 +136,7 @@ class FakeUpstream:
         self.headers: list[dict[str, str]] = []
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self.fine_tuning = FineTuning()  # /v1/files, /v1/fine_tuning/jobs (see _fake_finetune)
         self.app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -117,6 +144,7 @@ class FakeUpstream:
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/v1/messages", self.messages, methods=["POST"]),
                 Route("/health", self.health, methods=["GET"]),
+                *self.fine_tuning.routes(),
             ]
         )
 

@@ -55,6 +55,10 @@ class TraceDetail(TraceSummary):
         description="When the call was part of an application's OpenTelemetry trace: the "
         "whole trace (gateway calls and application spans), nested and as a waterfall.",
     )
+    scores: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Scores of the call: online evaluators, judges, human feedback.",
+    )
 
 
 class TracePage(BaseModel):
@@ -205,6 +209,9 @@ def get_trace(engine: Engine, trace_id: str) -> dict[str, Any]:
         from keel.tracing.tree import trace_tree
 
         out["tree"] = trace_tree(engine, trace_id)
+    from keel.evals.scores import trace_scores
+
+    out["scores"] = trace_scores(engine, trace_id)
     return out
 
 

@@ -45,6 +45,7 @@ class TraceRecord(TypedDict, total=False):
     reasoning_tokens: int | None  # part of completion_tokens
     cache_hit: bool | None  # answered from Keel's response cache
     prompt_version_id: str | None  # the prompt version the gateway rendered
+    route_version: str | None  # registry "model@version" a deployment route sent it to
 
 
 TRACE_FIELDS: tuple[str, ...] = tuple(TraceRecord.__annotations__)
