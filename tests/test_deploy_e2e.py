@@ -702,3 +702,53 @@ def test_an_approval_the_hook_missed_is_caught_up(keel_factory: Any, tmp_path: P
     d = _final(k.url, "support")
     assert d["state"] == "promoted" and d["created_by"] == "alice"
     assert len(httpx.get(f"{k.url}/api/deploy/deployments", timeout=30).json()["data"]) == 1
+
+
+# -- the whole release path ----------------------------------------------------------
+
+
+def test_pipeline_candidate_approved_validated_canaried_promoted(
+    keel_factory: Any, fake: Any, receiver: Receiver, tmp_path: Path
+):
+    """Merge → pipeline (data check, fine-tune, eval gate, register) → candidate →
+    a person approves → validation → canary → promoted: only the approval is manual."""
+    from test_pipelines import _cli, _config, _ft_pipeline
+
+    pipeline = _ft_pipeline(tmp_path, "rel")  # its eval suite doubles as the deploy gate
+    settings = deploy_settings(str(tmp_path / "suite.yaml"), min_p95_increase_ms=5000)
+    settings["models"] = {"support-ft": settings["models"].pop("support")}
+    env = Env(start(keel_factory, receiver, settings), tmp_path)
+    cfg = _config(tmp_path, env.k, fake)
+    p = _cli(
+        "pipeline", "run", str(pipeline), "--config", str(cfg), cwd=tmp_path, url=env.url,
+        FAKE_KEY="sk-fake", KEEL_API_KEY=env.keys["admin"],
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    (v,) = env.k.rows("model_versions")
+    assert (v["model"], v["version"], v["status"]) == ("support-ft", 1, "candidate")
+    fine_tuned = orjson.loads(v["deployment"])["model"]
+    assert env.deployment("support-ft", 1) is None  # nothing moves before a person approves
+    with Traffic(env.url, env.keys["user"]) as traffic:
+        env.approve("support-ft", 1)
+        dep = env.reach("support-ft", 1, "promoted")
+    assert set(traffic.statuses) == {200}
+    assert [e[2] for e in events(env, dep)] == [
+        "pending_validation",
+        "validating",
+        "canary",
+        "promoted",
+    ]
+    ev = {e["to_state"]: e["ts_ms"] for e in env.full(dep["id"])["events"]}
+    with env.engine.connect() as c:
+        split = dict(
+            c.execute(
+                sa.text(
+                    "SELECT route_version, COUNT(*) FROM traces WHERE model = 'gpt' "
+                    "AND started_at_ms >= :a AND started_at_ms < :b GROUP BY route_version"
+                ),
+                {"a": ev["canary"], "b": ev["promoted"]},
+            ).all()
+        )
+    assert split.get("support-ft@1", 0) > 0 and split.get(None, 0) > 0, split
+    wait_for(lambda: env.served() == fine_tuned, "all traffic on the fine-tuned model")
+    wait_for(lambda: env.production("support-ft") == 1, "registry production = 1")

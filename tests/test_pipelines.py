@@ -189,6 +189,18 @@ QA = [
 ]
 
 
+def test_a_runner_on_another_store_than_the_server_says_so(
+    keel_factory: Any, fake: Any, example: Path
+) -> None:
+    # The usual newcomer mistake: `keel up` in one directory, `keel pipeline run` in
+    # another, each with its own ./.keel store. The failure must say what to fix.
+    server = keel_factory()
+    p = _cli("pipeline", "run", "pipeline.yaml", cwd=example, url=server.url)
+    assert p.returncode == 1
+    assert "must use the same store" in p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def test_finetune_client_against_the_fake(fake: Any) -> None:
     from keel.pipelines.finetune import FinetuneFailed, run_finetune, training_lines
 

@@ -101,7 +101,21 @@ class StepKinds:
         rid = run["id"]
         self.log(name, f"run {rid} created")
         if f.get("datasets"):
-            self.api.request("POST", f"/api/runs/{rid}/inputs", json={"datasets": f["datasets"]})
+            try:
+                self.api.request(
+                    "POST", f"/api/runs/{rid}/inputs", json={"datasets": f["datasets"]}
+                )
+            except KeelError as e:
+                if e.status != 404:
+                    raise
+                # The runner reads and writes datasets in its own store; Keel's API
+                # looks in the server's. Different stores is the usual cause.
+                raise KeelError(
+                    f"{e} on the Keel server: `keel pipeline run` and `keel up` must use "
+                    "the same store (run both from the same directory, or set the same "
+                    "KEEL_DATA_DIR / KEEL_DATABASE_URL)",
+                    status=404,
+                ) from None
         env = self._env(
             {
                 "KEEL_RUN_ID": rid,
