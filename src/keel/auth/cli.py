@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import getpass
-import os
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 
+from keel._cli_util import cli_user as _user
 from keel.auth.keys import ROLES, KeyRecord, KeyStore, parse_budget, parse_expires
 
 config_option = click.option(
     "--config", "config", default=None, help="keel.yaml [default: ./keel.yaml if present]."
 )
-
-
-def _user() -> str:
-    try:
-        name = os.environ.get("USER") or getpass.getuser()
-    except Exception:
-        name = "unknown"
-    return f"cli:{name}"
 
 
 def _open(config: str | None) -> tuple[KeyStore, Any]:

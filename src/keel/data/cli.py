@@ -5,27 +5,19 @@
 
 from __future__ import annotations
 
-import getpass
 import os
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 
+from keel._cli_util import cli_user as _user
 from keel.data.io import KINDS, canonical_rows, parse_mapping, read_file
 from keel.data.versions import EXPORT_FORMATS, DatasetStore, VersionInfo
 
 config_option = click.option(
     "--config", "config", default=None, help="keel.yaml [default: ./keel.yaml if present]."
 )
-
-
-def _user() -> str:
-    try:
-        name = os.environ.get("USER") or getpass.getuser()
-    except Exception:
-        name = "unknown"
-    return f"cli:{name}"
 
 
 def open_store(config: str | None, *, progress: bool = True) -> DatasetStore:

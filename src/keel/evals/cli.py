@@ -8,7 +8,6 @@ store of the configured keel.yaml, like ``keel data``.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import os
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import click
 import orjson
 
+from keel._cli_util import cli_user as _user
 from keel.errors import KeelError
 
 DEFAULT_URL = "http://127.0.0.1:4000"
@@ -30,14 +30,6 @@ def _fail(msg: str) -> None:
     from keel.cli import _fail as fail
 
     fail(msg)
-
-
-def _user() -> str:
-    try:
-        name = os.environ.get("USER") or getpass.getuser()
-    except Exception:
-        name = "unknown"
-    return f"cli:{name}"
 
 
 def _open(config: str | None) -> tuple[Any, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import os
 import sys
 from datetime import UTC, datetime
@@ -11,6 +10,7 @@ from typing import Any
 
 import click
 
+from keel._cli_util import cli_user as _user
 from keel.errors import KeelError
 
 DEFAULT_URL = "http://127.0.0.1:4000"
@@ -23,13 +23,6 @@ def _fail(msg: str) -> None:
     from keel.cli import _fail as fail
 
     fail(msg)
-
-
-def _user() -> str:
-    try:
-        return f"cli:{os.environ.get('USER') or getpass.getuser()}"
-    except Exception:
-        return "cli:unknown"
 
 
 def _open(config: str | None) -> tuple[Any, Any]:

@@ -6,8 +6,6 @@ pushed from CI, where no Keel server needs to run.
 
 from __future__ import annotations
 
-import getpass
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import click
 import orjson
 import yaml
 
+from keel._cli_util import cli_user as _user
 from keel.errors import InvalidRequest, KeelError
 
 config_option = click.option(
@@ -26,14 +25,6 @@ def _fail(msg: str) -> None:
     from keel.cli import _fail as fail  # late: keel.cli imports this module
 
     fail(msg)
-
-
-def _user() -> str:
-    try:
-        name = os.environ.get("USER") or getpass.getuser()
-    except Exception:
-        name = "unknown"
-    return f"cli:{name}"
 
 
 def _open(config: str | None) -> Any:
