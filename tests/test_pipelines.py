@@ -24,7 +24,8 @@ KEEL = [sys.executable, "-c", "from keel.cli import main; main()"]
 
 
 def _cli(*args: str, cwd: Path, url: str | None = None, **env: str) -> subprocess.CompletedProcess:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")}
+    # The runner records trigger "ci" when $CI is set (as on CI machines): start clean.
+    e = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_") and k != "CI"}
     if url:
         e["KEEL_URL"] = url
     e.update(env)
@@ -153,9 +154,12 @@ def test_example_pipeline_end_to_end(keel_factory: Any, fake: Any, example: Path
     assert len(curve) == 300 and curve[-1]["value"] < curve[0]["value"] / 2  # it really learnt
     assert Path(pr[0]["log_path"]).read_text().count("[train] ") >= 2
 
-    # nothing changed: every step is skipped and reuses the recorded outputs
-    p = _cli("pipeline", "run", "pipeline.yaml", "--config", str(cfg), cwd=example, url=server.url)
+    # nothing changed: every step is skipped and reuses the recorded outputs (run as a
+    # CI system would, which the pipeline run records as its trigger)
+    p = _cli("pipeline", "run", "pipeline.yaml", "--config", str(cfg), cwd=example, url=server.url,
+             CI="true")  # fmt: skip
     assert p.returncode == 0, p.stdout + p.stderr
+    assert sorted(r["trigger_kind"] for r in server.rows("pipeline_runs")) == ["ci", "cli"]
     rid = re.search(r"^pipeline intent-classifier run (\w+): succeeded$", p.stdout, re.M)
     assert rid, p.stdout
     second = _cli("pipeline", "show", rid.group(1), "--config", str(cfg), cwd=example)
