@@ -16,16 +16,9 @@ import orjson
 import pytest
 from scipy import stats
 
+from keel._sampling import sampled
 from keel.config import DriftMonitorSettings, DriftSettings, load_settings
-from keel.drift.features import (
-    Embedder,
-    answer_text,
-    decode_vectors,
-    encode_vector,
-    extract,
-    last_user_text,
-    sampled,
-)
+from keel.drift.features import Embedder, decode_vectors, encode_vector, extract
 from keel.drift.language import detect_language
 from keel.drift.monitor import DriftRunner
 from keel.drift.reference import Sample, dataset_texts
@@ -40,6 +33,7 @@ from keel.drift.tests import (
     wasserstein,
 )
 from keel.errors import ConfigError
+from keel.tracing.bodies import answer_text, last_user_text
 
 CFG = TestConfig(alpha=0.001)
 

@@ -15,10 +15,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import keel as sdk
 from conftest import KeelServer, make_settings
+from keel._sampling import sampled
 from keel.alerts.signals import SIGNALS, EvalContext, SignalQuery
 from keel.cli import cli
 from keel.daemon import now_ms
-from keel.data.io import _sampled_out
 from keel.data.versions import DatasetStore
 from keel.errors import InvalidRequest, NotFound
 from keel.evals import signals as _eval_signals  # noqa: F401  (registers the eval_* signals)
@@ -443,7 +443,7 @@ def test_data_from_traces_label_with(keel_factory, tmp_path):
     )
     assert out.exit_code == 0, out.output
     kept = [r["metadata"]["trace_id"] for r in store.read_rows(store.get("half"))]
-    assert kept == [t for t in ids if not _sampled_out(t, 0.5)]  # deterministic by trace id
+    assert kept == [t for t in ids if sampled(t, 0.5)]  # deterministic by trace id
     for args, msg in (
         (["--label-with", "nope"], "no online evaluator of that name"),
         (["--label-with", "exact_match"], "expected answer"),

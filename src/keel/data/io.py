@@ -17,7 +17,6 @@ only refuses rows that cannot take the shape at all.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 from collections.abc import Iterator
@@ -28,7 +27,9 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from keel._sampling import sampled
 from keel.errors import InvalidRequest
+from keel.tracing.bodies import assistant_message
 
 KINDS = ("chat", "completion", "eval")
 FORMATS = ("jsonl", "csv", "parquet")
@@ -254,22 +255,6 @@ def canonical_rows(raw_rows: Iterator[dict[str, Any]], kind: str) -> Iterator[di
 # -- production traces ----------------------------------------------------------
 
 
-def _assistant_message(resp: Any) -> dict[str, Any] | None:
-    if not isinstance(resp, dict) or resp.get("_keel_truncated"):
-        return None
-    msg = resp.get("message")  # a stream: the assembled message
-    if msg is None:
-        choices = resp.get("choices")
-        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            msg = choices[0].get("message")
-    if not isinstance(msg, dict):
-        return None
-    out = {"role": msg.get("role") or "assistant", "content": msg.get("content")}
-    if msg.get("tool_calls"):
-        out["tool_calls"] = msg["tool_calls"]
-    return out
-
-
 def from_traces(
     engine: Engine,
     *,
@@ -326,7 +311,7 @@ def from_traces(
         for r in result:
             if limit is not None and n >= limit:
                 break
-            if sample < 1 and _sampled_out(r.id, sample):
+            if sample < 1 and not sampled(r.id, sample):
                 continue
             try:
                 req = orjson.loads(r.request_body) if r.request_body else None
@@ -334,7 +319,7 @@ def from_traces(
             except orjson.JSONDecodeError:
                 req = resp = None
             msgs = req.get("messages") if isinstance(req, dict) else None
-            answer = _assistant_message(resp)
+            answer = assistant_message(resp)
             if not isinstance(msgs, list) or answer is None:
                 stats["skipped"] += 1
                 continue
@@ -349,11 +334,6 @@ def from_traces(
                     "metadata": meta,
                     "split": None,
                 }
-
-
-def _sampled_out(trace_id: str, rate: float) -> bool:
-    h = hashlib.sha256(trace_id.encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64 >= rate
 
 
 # -- export ---------------------------------------------------------------------

@@ -22,6 +22,7 @@ from keel._ids import new_id
 from keel.daemon import now_ms
 from keel.deploy.model import ACTIVE, CANARY, CANCELLED, FINAL, PENDING, TRANSITIONS, Target
 from keel.errors import Conflict, NotFound
+from keel.store.jsontext import dumps as _dumps
 from keel.store.tables_deploy import deploy_routes, deployment_events, deployments
 
 D, E, R = deployments, deployment_events, deploy_routes
@@ -60,10 +61,6 @@ def _route(r: Any) -> dict[str, Any]:
     for k in ("stable", "canary"):
         d[k] = orjson.loads(d[k]) if d.get(k) else None
     return d
-
-
-def _dumps(v: Any) -> str | None:
-    return None if v is None else orjson.dumps(v).decode()
 
 
 class DeployStore:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import logging
 import threading
 import time
@@ -24,17 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from keel._sampling import sampled
 from keel.config import DriftSettings
 from keel.daemon import Daemon, now_ms
 from keel.drift.language import detect_language
 from keel.evals.refusal import is_refusal
 from keel.store.tables import spans, traces
 from keel.store.tables_quality import cursors, trace_features
+from keel.tracing.bodies import answer_text, last_user_text, parse_body
 
 log = logging.getLogger("keel.drift")
 
@@ -45,48 +45,6 @@ TICK_BUDGET_S = 10.0
 
 
 # -- pure extraction ----------------------------------------------------------------------
-
-
-def content_text(content: Any) -> str | None:
-    """The text of a message's content: a string, or the text parts of a list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, dict)]
-        text = "\n".join(p for p in parts if isinstance(p, str))
-        return text or None
-    return None
-
-
-def last_user_text(messages: Any) -> str | None:
-    """The text of the last user message of a chat request."""
-    if not isinstance(messages, list):
-        return None
-    for m in reversed(messages):
-        if isinstance(m, dict) and m.get("role") == "user":
-            return content_text(m.get("content"))
-    return None
-
-
-def answer_text(response: Any) -> str | None:
-    """The assistant's content in a stored response (a completion, or an assembled stream)."""
-    if not isinstance(response, dict) or response.get("_keel_truncated"):
-        return None
-    msg = response.get("message")
-    if msg is None:
-        choices = response.get("choices")
-        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            msg = choices[0].get("message")
-    return content_text(msg.get("content")) if isinstance(msg, dict) else None
-
-
-def _json(text: str | None) -> Any:
-    if not text:
-        return None
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
 
 
 def text_features(
@@ -108,11 +66,11 @@ def extract(
 ) -> tuple[dict[str, Any], str | None, str | None]:
     """The ``trace_features`` row of one trace (without embeddings), and the input
     and output texts to embed (None when the body was not captured)."""
-    req = _json(trace.get("request_body"))
+    req = parse_body(trace.get("request_body"))
     if isinstance(req, dict) and req.get("_keel_truncated"):
         req = None  # a clipped body is not JSON any more: its messages are unknown
     inp = last_user_text(req.get("messages")) if isinstance(req, dict) else None
-    out = answer_text(_json(trace.get("response_body")))
+    out = answer_text(parse_body(trace.get("response_body")))
     inp = inp[:max_text_chars] if inp is not None else None
     out = out[:max_text_chars] if out is not None else None
     top, count = retrieval or (None, None)
@@ -135,16 +93,6 @@ def extract(
 
 
 OWN_TRAFFIC_PREFIXES = ("keel:", "eval:")  # the same as the online evaluators skip
-
-
-def sampled(trace_id: str, rate: float) -> bool:
-    """Deterministic sampling by id: every replica (and every rerun) picks the same traces."""
-    if rate >= 1.0:
-        return True
-    if rate <= 0.0:
-        return False
-    h = int.from_bytes(hashlib.blake2b(trace_id.encode(), digest_size=8).digest(), "big")
-    return h / 2.0**64 < rate
 
 
 def encode_vector(v: np.ndarray) -> str:

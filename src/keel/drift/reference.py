@@ -23,15 +23,10 @@ from sqlalchemy.engine import Engine
 
 from keel.config import DriftMonitorSettings, DriftSettings
 from keel.config.quality import DRIFT_NUMERIC
-from keel.drift.features import (
-    Embedder,
-    content_text,
-    decode_vectors,
-    last_user_text,
-    text_features,
-)
+from keel.drift.features import Embedder, decode_vectors, text_features
 from keel.errors import ConfigError, KeelError
 from keel.store.tables_quality import trace_features
+from keel.tracing.bodies import content_text, last_user_text
 
 WEEK_MS = 7 * 86_400_000
 _IN_CHUNK = 500

@@ -15,6 +15,8 @@ from typing import Any
 import aiohttp
 import httpx
 
+from keel.gateway.providers._http import make_session
+
 # Hop-by-hop or body-framing headers: aiohttp sets its own.
 _SKIP_REQUEST = frozenset({"host", "content-length", "connection", "transfer-encoding"})
 # aiohttp has already decoded the body, so these no longer describe it.
@@ -30,11 +32,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._session: aiohttp.ClientSession | None = None
 
     def _make_session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(
-                total=self.timeout_s, sock_connect=min(10.0, self.timeout_s)
-            ),
-            connector=aiohttp.TCPConnector(limit=self.max_connections),
+        # The gateway's own upstream session: the same pooling and timeouts.
+        return make_session(
+            read_timeout_s=self.timeout_s,
+            connect_timeout_s=min(10.0, self.timeout_s),
+            max_connections=self.max_connections,
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

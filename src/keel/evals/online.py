@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import random
 import time
@@ -39,6 +38,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy.engine import Engine
 
+from keel._sampling import sampled as _sampled
 from keel.config.quality import EvalsSettings, OnlineEvaluatorSettings
 from keel.daemon import INSTANCE_ID, Daemon, now_ms
 from keel.errors import ConfigError, InvalidRequest
@@ -81,13 +81,9 @@ def validate_online(evals: EvalsSettings, source: str = "configuration") -> None
 
 
 def sampled(trace_id: str, name: str, rate: float) -> bool:
-    """Deterministic: the same trace and evaluator always give the same answer."""
-    if rate >= 1.0:
-        return True
-    if rate <= 0.0:
-        return False
-    h = hashlib.sha256(f"{name}\x00{trace_id}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64 < rate
+    """Deterministic: the same trace and evaluator always give the same answer (each
+    evaluator samples independently of the others)."""
+    return _sampled(f"{name}\x00{trace_id}", rate)
 
 
 def wants(o: OnlineEvaluatorSettings, row: Any) -> bool:

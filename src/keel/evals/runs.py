@@ -28,19 +28,13 @@ from keel._ids import new_id
 from keel.daemon import now_ms
 from keel.errors import InvalidRequest, NotFound
 from keel.evals import stats
+from keel.store.jsontext import dumps as _dumps
+from keel.store.jsontext import loads as _loads
 from keel.store.tables import traces
 from keel.store.tables_quality import eval_cache, eval_items, eval_runs
 
 _IN_CHUNK = 500  # ids per IN (...) query: well under SQLite's variable limit
 _JSON_COLUMNS = ("params", "config", "summary")
-
-
-def _dumps(v: Any) -> str | None:
-    return None if v is None else orjson.dumps(v).decode()
-
-
-def _loads(v: str | None) -> Any:
-    return None if v is None else orjson.loads(v)
 
 
 def _chunks(seq: Sequence[Any], n: int = _IN_CHUNK) -> Iterable[Sequence[Any]]:

@@ -16,49 +16,14 @@ from keel.config.quality import OnlineEvaluatorSettings
 from keel.evals.base import ChatResult, EvalCase, ModelClient, Score
 from keel.evals.scores import NewScore
 from keel.store.tables import traces
-
-
-def _json(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _content_text(content: Any) -> str | None:
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-    return orjson.dumps(content).decode()
-
-
-def answer_text(resp: Any) -> str | None:
-    """The assistant's text in a stored response body (a stream's is assembled)."""
-    if not isinstance(resp, dict):
-        return None
-    msg = resp.get("message")
-    if msg is None:
-        choices = resp.get("choices")
-        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            msg = choices[0].get("message")
-    if not isinstance(msg, dict):
-        return None
-    text = _content_text(msg.get("content"))
-    if text is None and msg.get("tool_calls"):
-        text = orjson.dumps(msg["tool_calls"]).decode()
-    return text
+from keel.tracing.bodies import assistant_message, content_text, parse_body
 
 
 def trace_case(row: Any) -> EvalCase | str:
     """The case an evaluator scores for a stored trace, or why there is none."""
     if row.request_body is None:
         return "the trace's request body was not captured (capture mode or capture_bodies)"
-    req = _json(row.request_body)
+    req = parse_body(row.request_body)
     if not isinstance(req, dict) or req.get("_keel_truncated"):
         return "the trace's request body was truncated or is not JSON"
     messages = req.get("messages")
@@ -66,15 +31,18 @@ def trace_case(row: Any) -> EvalCase | str:
         return "the trace's request has no chat messages"
     output = None
     if row.status == "ok":
-        resp = _json(row.response_body)
+        resp = parse_body(row.response_body)
         if row.response_body is None or not isinstance(resp, dict):
             return "the trace's response body was not captured"
         if resp.get("_keel_truncated"):
             return "the trace's response body was truncated in the store"
-        output = answer_text(resp)
+        msg = assistant_message(resp)
+        output = content_text(msg["content"]) if msg else None
+        if output is None and msg and msg.get("tool_calls"):
+            output = orjson.dumps(msg["tool_calls"]).decode()
         if output is None:
             return "the trace's response has no assistant message"
-    tags = _json(row.tags) if row.tags else {}
+    tags = parse_body(row.tags) if row.tags else {}
     return EvalCase(
         input=messages,
         output=output,

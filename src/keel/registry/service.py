@@ -41,16 +41,13 @@ from keel.registry.model import (
 )
 from keel.runs.artifacts import ArtifactStore, check_path
 from keel.runs.store import RunStore
+from keel.store.jsontext import dumps as _dumps
 from keel.store.tables_registry import approvals, model_aliases, model_versions, registered_models
 
 log = logging.getLogger("keel.registry")
 
 mv, ma, rm = model_versions, model_aliases, registered_models
 _JSON_COLS = ("deployment", "metrics", "lineage")
-
-
-def _dumps(v: Any) -> str | None:
-    return None if v is None else orjson.dumps(v).decode()
 
 
 class RegistryService:

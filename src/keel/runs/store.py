@@ -22,6 +22,8 @@ from keel._ids import new_id
 from keel.daemon import now_ms
 from keel.errors import Conflict, InvalidRequest, NotFound
 from keel.runs._keys import check_key
+from keel.store.jsontext import dumps as _dumps
+from keel.store.jsontext import loads as _loads
 from keel.store.tables_registry import run_metrics, run_params, runs
 
 STATUSES = ("pending", "running", "finished", "failed", "killed")
@@ -30,14 +32,6 @@ MAX_POINTS_PER_BATCH = 10_000
 MAX_PARAM_BYTES = 64 * 1024
 MAX_COMPARE = 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/ ]{0,199}$")
-
-
-def _dumps(v: Any) -> str | None:
-    return None if v is None else orjson.dumps(v).decode()
-
-
-def _loads(s: str | None) -> Any:
-    return orjson.loads(s) if s else None
 
 
 def check_run_name(name: Any) -> str:
