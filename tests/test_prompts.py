@@ -446,7 +446,9 @@ def test_sdk_fetches_caches_and_falls_back(
     pv, _ = store.push(GREET)
     store.set_label("greet", "production", 1)
     cache = tmp_path / "cache"
-    kw: dict[str, Any] = {"endpoint": api.url, "cache_dir": cache}
+    # A generous timeout: on a loaded CI machine a live answer may take over the 2 s
+    # default; once the server is stopped, the refused connection fails at once anyway.
+    kw: dict[str, Any] = {"endpoint": api.url, "cache_dir": cache, "timeout": 30.0}
 
     p = keel.prompts.get("greet", **kw)
     assert (p.version, p.id, p.model, p.from_cache) == (1, pv.id, "gpt", False)
